@@ -1,9 +1,105 @@
-"""CLI commands: demo (placeholder until its issue lands)."""
+"""CLI command: ``cxr-embed demo`` runs the whole product offline on synthetic chest X-rays."""
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Annotated
+
 import typer
+from cxr_embed_cli.output import (
+    JsonOpt,
+    ModelDirOpt,
+    emit_json,
+    handle_errors,
+    info,
+    print_table,
+    stderr,
+    stdout,
+)
 
 
 def register(app: typer.Typer) -> None:
     """Add this module's commands to ``app``."""
+    app.command("demo")(demo)
+
+
+@handle_errors
+def demo(
+    out: Annotated[
+        Path, typer.Option("--dir", "-d", help="Folder for the dataset, the store and the fine-tuning run.")
+    ] = Path("cxr-embed-demo"),
+    n: Annotated[int, typer.Option("--n", "-n", help="Number of synthetic images (at least 40).", min=1)] = 200,
+    seed: Annotated[int, typer.Option("--seed", help="Random seed of the dataset, folds and training.")] = 0,
+    skip_finetune: Annotated[
+        bool, typer.Option("--skip-finetune", help="Skip the fine-tuning stage (the slowest one).")
+    ] = False,
+    epochs: Annotated[int, typer.Option("--epochs", help="Fine-tuning epochs.", min=1)] = 2,
+    notebooks: Annotated[
+        bool,
+        typer.Option(
+            "--notebooks",
+            help="Also execute notebooks/*.ipynb on the store: executed copies in DIR/notebooks, PNG figures in "
+            "DIR/figures (source checkout only).",
+        ),
+    ] = False,
+    model_dir: ModelDirOpt = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace a previous demo in --dir.")] = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Run everything offline on synthetic chest X-rays: synth → index → classify → fine-tune → search → SQL.
+
+    Uses the official MedImageInsight weights when a model folder resolves (--model-dir,
+    $CXR_EMBED_MODEL_DIR or `cxr-embed model pull`), else the tiny test model packaged with
+    cxr-embed, whose numbers mean nothing clinically. With the tiny model the default 200 images
+    take a few minutes on 2 CPU cores. Leaves a store that `cxr-embed sql`, `cxr-embed search`
+    and the notebooks in notebooks/ read.
+    """
+    from cxr_embed.demo import DemoConfig, run_demo
+
+    config = DemoConfig(
+        out=out, n=n, seed=seed, model_dir=model_dir, finetune=not skip_finetune, finetune_epochs=epochs,
+        notebooks=notebooks, force=force, progress=not json_out,
+    )
+    result = run_demo(config, log=_log)
+    if json_out:
+        emit_json(result)
+        return
+    stdout.print()
+    print_table(
+        [{k: row.get(k) for k in ("arm", "classifier", "roc_auc", "accuracy", "f1", "brier")} for row in result.study_table],
+        title="Normal vs Abnormal, pooled out-of-fold (frozen: 5 classifiers on embeddings; finetuned: end to end)",
+    )
+    for s in result.search:
+        print_table(
+            [{**nb, "findings": ", ".join(nb["findings"])} for nb in s["neighbors"]],
+            title=f"Similar cases for {s['query']!r} (kNN-vote P(abnormal) = {_fmt(s['probability_abnormal'])})",
+            columns=("rank", "image_id", "patient_id", "label", "findings", "similarity"),
+        )
+    stdout.print("\n[bold]Explore the results with SQL[/] (views: images, embeddings, predictions, metrics, runs, errors):")
+    for ex in result.sql_examples:
+        stdout.print(f"\n# {ex.title}", highlight=False)
+        stdout.print(ex.command, highlight=False, markup=False, soft_wrap=True)
+    stdout.print(
+        f"\nSearch: cxr-embed search --store {result.store} --id {result.search[0]['query']} -k 5 --exclude-same-patient"
+        f"\nNotebooks: {result.notebooks_command}",
+        highlight=False, markup=False,
+    )
+    for nb in result.notebooks:
+        stdout.print(f"Executed {nb['executed']} ({nb['seconds']:.0f} s): {len(nb['figures'])} figure(s)", highlight=False)
+    stdout.print(f"\nDone in {result.timings['total']:.0f} s: " + ", ".join(
+        f"{k} {v:.0f} s" for k, v in result.timings.items() if k != "total"), highlight=False)
+    if result.tiny_model:
+        stderr.print(f"[bold yellow]Reminder:[/] {result.notices[0]}", highlight=False)
+
+
+def _log(message: str) -> None:
+    if message.startswith("NOTICE"):
+        stderr.rule("[bold red]TINY TEST MODEL[/]")
+        stderr.print(f"[bold red]{message}[/]", highlight=False)
+        stderr.rule(style="red")
+    else:
+        info(message)
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}"

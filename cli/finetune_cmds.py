@@ -1,9 +1,95 @@
-"""CLI commands: finetune (placeholder until its issue lands)."""
+"""CLI command: finetune — end-to-end fine-tuning of the image tower, evaluated like `classify`."""
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Annotated
+
 import typer
+from cxr_embed_cli.output import JsonOpt, ModelDirOpt, emit_json, handle_errors, info, print_table
+
+
+def finetune(
+    ctx: typer.Context,
+    source: Annotated[Path, typer.Argument(help="Dataset folder: ChestX-ray14, PNG/JPEG folder with labels, or DICOM.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Run folder: checkpoints, results, plots, exported model.")],
+    dataset: Annotated[str, typer.Option(help="auto | chestxray14 | folder | dicom.")] = "auto",
+    model_dir: ModelDirOpt = None,
+    epochs: Annotated[int, typer.Option(help="Training epochs (the cosine schedule spans all of them).")] = 10,
+    lr: Annotated[float, typer.Option(help="Peak AdamW learning rate (the study: 1e-5).")] = 1e-5,
+    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay; none on norms, biases, depthwise convs.")] = 0.2,
+    batch_size: Annotated[int, typer.Option(help="Images per optimizer step (the study: 48).")] = 48,
+    accumulate: Annotated[int, typer.Option(help="Split each step into N micro-batches (same result, less memory).")] = 1,
+    precision: Annotated[str, typer.Option(help="fp32 | bf16 | fp16 (autocast; fp16 needs a GPU).")] = "fp32",
+    grad_checkpointing: Annotated[bool, typer.Option(help="Recompute activations in backward: much less memory, ~30% slower.")] = False,
+    freeze_stages: Annotated[int, typer.Option(help="Freeze the first K of the 4 DaViT stages.")] = 0,
+    label: Annotated[str, typer.Option(help="abnormal (Normal/Abnormal) | all-findings (14 findings, multi-label).")] = "abnormal",
+    class_weighting: Annotated[bool, typer.Option(help="Weight positives by n_neg/n_pos per target (pos_weight).")] = False,
+    ema: Annotated[float | None, typer.Option(help="Keep an EMA of the weights with this decay (e.g. 0.999); evaluate and export it.")] = None,
+    augment: Annotated[bool, typer.Option(help="Training augmentation: rotation ±7°, zoom 0.9-1.1, brightness/contrast.")] = True,
+    hflip: Annotated[bool, typer.Option(help="Also flip horizontally (off by default: anatomy is lateralised).")] = False,
+    patience: Annotated[int, typer.Option(help="Stop after this many epochs without a better validation ROC-AUC.")] = 3,
+    max_steps: Annotated[int | None, typer.Option(help="Stop after N optimizer steps in total (checkpoint saved; --resume continues).")] = None,
+    workers: Annotated[int, typer.Option(help="DataLoader worker processes for decoding.")] = 0,
+    device: Annotated[str, typer.Option(help="auto | cuda | cpu.")] = "auto",
+    store: Annotated[Path | None, typer.Option("--store", "-s", help="Also write predictions/metrics/runs into this store.")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue the run in --out exactly where it stopped.")] = False,
+    seed: Annotated[int, typer.Option(help="Seed of the split, data order, augmentation and initialisation.")] = 0,
+    as_json: JsonOpt = False,
+) -> None:
+    """Fine-tune the MedImageInsight image tower end to end with a linear head.
+
+    Patient-wise train/validation/test (ChestX-ray14's official lists when present), early stopping on validation ROC-AUC, temperature scaling on validation, then the same metrics, plots and predictions/metrics/runs tables as `classify` (arm "finetuned").
+
+    The best model is exported to OUT/model in the official folder layout: `cxr-embed index --model-dir OUT/model` embeds with it. SIGTERM saves a checkpoint and exits with status 75; rerun with --resume to continue.
+    """
+    from cxr_embed.finetune import EXIT_INTERRUPTED, FineTuneConfig, resume_config
+    from cxr_embed.finetune import finetune as run_finetune
+
+    values = {"source": str(source), "dataset": dataset, "model_dir": str(model_dir) if model_dir else None,
+              "epochs": epochs, "lr": lr, "weight_decay": weight_decay, "batch_size": batch_size,
+              "accumulate": accumulate, "precision": precision, "grad_checkpointing": grad_checkpointing,
+              "freeze_stages": freeze_stages, "label": label, "class_weighting": class_weighting, "ema": ema,
+              "augment": augment, "hflip": hflip, "patience": patience, "max_steps": max_steps, "workers": workers,
+              "device": device, "store": str(store) if store else None, "seed": seed}
+    if resume:
+        # Only what was typed counts: defaults must not clash with the interrupted run's settings.
+        # (Compared by name: typer ships its own copy of click's ParameterSource enum.)
+        given = {k: v for k, v in values.items() if getattr(ctx.get_parameter_source(k), "name", "") != "DEFAULT"}
+        config = resume_config(out, given)
+    else:
+        config = FineTuneConfig(out=str(out), **values)
+    result = run_finetune(config, resume=resume, progress=not as_json)
+    _report(result, as_json)
+    if result.status == "interrupted":
+        info(f"Interrupted: checkpoint saved in {out}/checkpoint. Continue with: cxr-embed finetune {source} "
+             f"--out {out} --resume")
+        raise typer.Exit(EXIT_INTERRUPTED)
+
+
+def _report(result, as_json: bool) -> None:
+    summary = {"status": result.status, "run_id": result.run_id, "out": str(result.out),
+               "model_dir": str(result.model_dir) if result.model_dir else None, "temperature": result.temperature,
+               "images": result.n_images, "best_epoch": result.state.best_epoch,
+               "best_val_roc_auc": result.state.best_auc, "global_step": result.state.global_step,
+               "failures": len(result.failures), "test_metrics": result.test_metrics,
+               "history": result.state.history}
+    if as_json:
+        emit_json(summary)
+        return
+    rows = [{"target": t, "roc_auc": m.get("roc_auc"), "ci_low": m.get("ci_low"), "ci_high": m.get("ci_high"),
+             "accuracy": m.get("accuracy"), "f1": m.get("f1"), "brier": m.get("brier"), "ece": m.get("ece")}
+            for t, m in result.test_metrics.items()]
+    if rows:
+        print_table(rows, title=f"Fine-tuned, test split ({result.n_images.get('test', 0)} images) — {result.run_id}")
+    info(f"{result.status}: {result.state.global_step} steps, best epoch {result.state.best_epoch} "
+         f"(validation ROC-AUC {result.state.best_auc}), temperature {result.temperature}")
+    if result.model_dir:
+        info(f"Model: {result.model_dir}  (cxr-embed index SOURCE --store S --model-dir {result.model_dir})")
+    if result.failures:
+        info(f"{len(result.failures)} images could not be read; see {result.out}/errors.parquet")
 
 
 def register(app: typer.Typer) -> None:
     """Add this module's commands to ``app``."""
+    app.command("finetune")(handle_errors(finetune))

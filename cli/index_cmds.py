@@ -1,9 +1,121 @@
-"""CLI commands: index (placeholder until its issue lands)."""
+"""CLI commands: ``index`` (the main job) and ``store info`` / ``store validate``."""
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Annotated
+
 import typer
+from cxr_embed_cli.model_cmds import DeviceOpt, PrecisionOpt
+from cxr_embed_cli.output import JsonOpt, ModelDirOpt, StoreOpt, emit_json, handle_errors, info, print_table
+
+store_app = typer.Typer(help="Inspect and check an embedding store.", no_args_is_help=True)
+
+
+@handle_errors
+def index_cmd(
+    source: Annotated[Path, typer.Argument(help="Dataset: a ChestX-ray14 folder (or its Data_Entry CSV), an image folder or a DICOM folder.")],
+    store: StoreOpt,
+    dataset: Annotated[str, typer.Option("--dataset", help="auto, chestxray14, folder or dicom.")] = "auto",
+    model_dir: ModelDirOpt = None,
+    device: DeviceOpt = "auto",
+    precision: PrecisionOpt = "fp32",
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per forward pass.")] = 32,
+    workers: Annotated[
+        int | None, typer.Option("--workers", min=0, help="Decode worker processes (0: in the main process). Default: most cores on GPU, a few on CPU.")
+    ] = None,
+    limit: Annotated[int | None, typer.Option("--limit", min=0, help="Only the first N images of the dataset listing.")] = None,
+    shard_size: Annotated[int, typer.Option("--shard-size", min=1, help="Rows per committed Parquet shard (the unit of crash safety).")] = 4096,
+    index: Annotated[
+        str | None,
+        typer.Option("--index", help="FAISS index: flat (exact), ivf, hnsw, ivfpq or auto (flat, IVF above 250k rows). Default: auto for a new store, else the store's current choice."),
+    ] = None,
+    engine: Annotated[str, typer.Option("--engine", help="local (DataLoader workers + one device) or ray (a cluster).")] = "local",
+    json_out: JsonOpt = False,
+) -> None:
+    """Embed a dataset into a store (Parquet shards + FAISS index); rerun to resume or add new images.
+
+    Only images the store does not hold yet are embedded, so rerunning the same command after a
+    crash or kill finishes the job, and rerunning after adding images appends them. Unreadable
+    images are recorded in errors.parquet and skipped. A store made with another model or
+    preprocessing is refused.
+    """
+    from cxr_embed.job import IndexConfig, run_index
+
+    config = IndexConfig(dataset=dataset, model_dir=model_dir, device=device, precision=precision, batch_size=batch_size,
+                         workers=workers, limit=limit, shard_size=shard_size, index=index, engine=engine)
+    summary = run_index(source, store, config, progress=not json_out)
+    if json_out:
+        emit_json(summary)
+        return
+    print_table(
+        [
+            {"field": "store", "value": summary.store},
+            {"field": "listed", "value": summary.listed},
+            {"field": "already stored", "value": summary.already_stored},
+            {"field": "embedded", "value": summary.embedded},
+            {"field": "failed", "value": f"{summary.failed} {summary.failures_by_stage or ''}".strip()},
+            {"field": "rows in store", "value": summary.rows},
+            {"field": "index", "value": summary.index_kind},
+            {"field": "images/s", "value": f"{summary.images_per_s:,.1f}"},
+            {"field": "seconds", "value": f"{summary.seconds:,.1f}"},
+            {"field": "model", "value": f"{summary.model_id} on {summary.device} ({summary.precision})"},
+        ],
+        title="cxr-embed index",
+    )
+    if summary.failed:
+        info(f"{summary.failed} input(s) failed; see `cxr-embed sql --store {summary.store} \"SELECT * FROM errors\"`.")
+
+
+@store_app.command("info")
+@handle_errors
+def info_cmd(store: StoreOpt, json_out: JsonOpt = False) -> None:
+    """Counts, model identity, index kind and an errors summary of a store."""
+    from cxr_embed.store import store_info
+
+    details = store_info(store)
+    if json_out:
+        emit_json(details)
+        return
+    rows = [
+        ("path", details.path),
+        ("model_id", details.model_id),
+        ("checkpoint_sha256", details.checkpoint_sha256),
+        ("preprocess_fingerprint", details.preprocess_fingerprint),
+        ("dim", details.dim),
+        ("rows", details.rows),
+        ("patients", details.patients),
+        ("labels", details.labels),
+        ("splits", details.splits),
+        ("shards", details.shards),
+        ("index", f"{details.index_kind} ({details.index_rows} vectors) {details.index_params or ''}".strip()),
+        ("errors", f"{details.errors} {details.errors_by_stage or ''}".strip()),
+        ("size_mb", details.size_mb),
+        ("updated_at", details.updated_at),
+    ]
+    print_table([{"field": k, "value": v} for k, v in rows], title="cxr-embed store")
+
+
+@store_app.command("validate")
+@handle_errors
+def validate_cmd(store: StoreOpt, json_out: JsonOpt = False) -> None:
+    """Check shards, row_ids, model identity and that the FAISS index holds exactly the Parquet vectors.
+
+    Exits 1 when a check fails (warnings, such as orphan shards a killed run left, do not fail).
+    """
+    from cxr_embed.store import validate_store
+
+    report = validate_store(store)
+    if json_out:
+        emit_json({"path": report.path, "ok": report.ok, "rows": report.rows, "checks": report.checks})
+    else:
+        print_table([{"check": c.name, "status": c.status, "detail": c.detail} for c in report.checks],
+                    title=f"{report.path}: {'OK' if report.ok else 'FAILED'}")
+    if not report.ok:
+        raise typer.Exit(1)
 
 
 def register(app: typer.Typer) -> None:
-    """Add this module's commands to ``app``."""
+    """Add ``index`` and the ``store`` group to ``app``."""
+    app.command("index")(index_cmd)
+    app.add_typer(store_app, name="store")

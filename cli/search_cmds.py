@@ -1,9 +1,94 @@
-"""CLI commands: search (placeholder until its issue lands)."""
+"""CLI command: search — similar cases by image file, stored image id, or text."""
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Annotated
+
 import typer
+from cxr_embed_cli.output import JsonOpt, ModelDirOpt, StoreOpt, emit_json, handle_errors, info, print_table
+
+_COLUMNS = ("rank", "similarity", "image_id", "patient_id", "label", "findings", "view", "sex", "age", "split")
+"""Table columns; ``--json`` adds each neighbour's path and row_id."""
+
+
+def search(
+    store: StoreOpt,
+    image: Annotated[Path | None, typer.Option("--image", help="Query with this X-ray file (PNG/JPEG/DICOM).")] = None,
+    image_id: Annotated[str | None, typer.Option("--id", help="Query with the stored vector of this image_id.")] = None,
+    text: Annotated[
+        str | None, typer.Option("--text", help='Query with a text description, e.g. "pleural effusion".')
+    ] = None,
+    k: Annotated[int, typer.Option("-k", "--k", min=1, help="Number of neighbours to return.")] = 10,
+    where: Annotated[
+        str | None,
+        typer.Option(
+            "--where",
+            help="SQL condition on image metadata (columns of the `images` view), applied BEFORE ranking "
+            "so k results still come back, e.g. \"view = 'PA' AND age >= 60\".",
+        ),
+    ] = None,
+    exclude_same_patient: Annotated[
+        bool,
+        typer.Option(
+            "--exclude-same-patient",
+            help="Drop every image of the query's patient (known from the store, or from --patient-id).",
+        ),
+    ] = False,
+    patient_id: Annotated[
+        str | None, typer.Option("--patient-id", help="Patient of an --image query that is not in the store.")
+    ] = None,
+    model_dir: ModelDirOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Find the k most similar stored X-rays and a kNN-vote probability of abnormal.
+
+    Exactly one of --image, --id or --text. An --image is embedded with the store's own model and
+    preprocessing (refused if --model-dir holds a different checkpoint); --text uses the text tower.
+    Similarity is cosine; the probability weights each labelled neighbour's vote by its similarity.
+    """
+    from cxr_embed.errors import ConfigError
+
+    given = [name for name, v in (("--image", image), ("--id", image_id), ("--text", text)) if v is not None]
+    if len(given) != 1:
+        raise ConfigError("Give exactly one query: --image PATH, --id IMAGE_ID or --text \"...\".")
+    if text is not None and exclude_same_patient:
+        raise ConfigError("--exclude-same-patient needs an image query (--image or --id), not --text.")
+
+    from cxr_embed.store import Store
+
+    from cxr_embed import retrieval
+
+    st = Store.open(store)
+    if image_id is not None:
+        result = retrieval.search_by_ids(st, [image_id], k, where, exclude_same_patient)[0]
+    else:
+        from cxr_embed.model import MedImageInsight
+
+        model = MedImageInsight.load(model_dir)
+        if image is not None:
+            pids = [patient_id] if patient_id is not None else None
+            result = retrieval.search_by_images(st, model, [image], k, where, exclude_same_patient, pids)[0]
+        else:
+            result = retrieval.search_by_texts(st, model, [text], k, where)[0]
+
+    if as_json:
+        emit_json(result)
+        return
+    rows = [
+        {
+            **{c: getattr(n, c) for c in _COLUMNS},
+            "findings": ", ".join(n.findings or ()),
+            "age": None if n.age is None else f"{n.age:g}",
+        }
+        for n in result.neighbors
+    ]
+    print_table(rows, title=f"{len(rows)} neighbours of {result.query}", columns=_COLUMNS)
+    prob = "n/a (no labelled neighbours)" if result.probability_abnormal is None else f"{result.probability_abnormal:.3f}"
+    typer.echo(f"kNN-vote probability of abnormal: {prob}")
+    info(f"{result.candidates} candidate rows, ranked by {result.strategy}")
 
 
 def register(app: typer.Typer) -> None:
     """Add this module's commands to ``app``."""
+    app.command("search")(handle_errors(search))

@@ -1,0 +1,131 @@
+"""Speed and quality of the five classifiers at ChestX-ray14 scale, beside exact sklearn.
+
+Part 1 times ``evaluation.cross_validate`` (the code ``cxr-embed classify`` runs: patient-grouped
+stratified folds, held-out slice, operating points, bootstrap CI) for every classifier on
+``--n`` x ``--dim`` clustered synthetic embeddings (``evaluation.synthetic_cohort``; a linear model
+reaches about 0.85 ROC-AUC at full size). Target: 5 classifiers x 5 folds in <= 10 minutes on 2 cores.
+
+Part 2 compares, on a ``--subsample`` of the rows (patient-grouped 80/20 split), each classifier's
+test ROC-AUC with the exact sklearn estimator it stands in for: ``SVC(probability=True)`` RBF
+(gamma="scale", C=1), ``LogisticRegression`` (same C as ours picked), ``KNeighborsClassifier``
+(same k), ``RandomForestClassifier`` (100 trees, raw features), ``MLPClassifier`` (128 hidden,
+early stopping). Target: within 0.005.
+
+    .venv/bin/python benchmarks/classify_suite.py                      # full size (slow)
+    .venv/bin/python benchmarks/classify_suite.py --n 20000 --dim 256  # quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+
+def _limit_threads(threads: int) -> None:
+    """Pin every thread pool (BLAS/OpenMP, torch, FAISS) to ``threads`` cores, as on a 2-core box."""
+    import faiss
+    import torch
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(threads)
+    torch.set_num_threads(threads)
+    faiss.omp_set_num_threads(threads)
+
+
+def exact_sklearn(name: str, ours, seed: int):
+    """The exact sklearn estimator ``name`` replaces, with our picked hyper-parameters where they exist."""
+    from sklearn.ensemble import RandomForestClassifier
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.neighbors import KNeighborsClassifier
+    from sklearn.neural_network import MLPClassifier
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+    from sklearn.svm import SVC
+
+    clf = ours.classifier
+    return {
+        "svm": lambda: SVC(kernel="rbf", gamma="scale", C=1.0, probability=True, random_state=seed),
+        "lr": lambda: make_pipeline(StandardScaler(), LogisticRegression(C=clf.C_, max_iter=1000)),
+        "knn": lambda: KNeighborsClassifier(n_neighbors=clf.k_),
+        "rf": lambda: RandomForestClassifier(n_estimators=100, n_jobs=-1, random_state=seed),
+        "mlp": lambda: make_pipeline(StandardScaler(), MLPClassifier((128,), early_stopping=True, random_state=seed)),
+    }[name]()
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=int, default=112_120, help="rows (default: ChestX-ray14's 112,120)")
+    ap.add_argument("--dim", type=int, default=1024, help="embedding dimension (default 1024)")
+    ap.add_argument("--subsample", type=int, default=10_000, help="rows for the exact-sklearn comparison (0 = skip)")
+    ap.add_argument("--folds", type=int, default=5)
+    ap.add_argument("--models", default="svm,lr,knn,rf,mlp")
+    ap.add_argument("--separation", type=float, default=1.4, help="label signal of the synthetic cohort")
+    ap.add_argument("--threads", type=int, default=2, help="cores to use (default 2, the target machine)")
+    ap.add_argument("--skip-cv", action="store_true", help="only run the exact-sklearn comparison")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", dest="json_path", help="also write the figures to this JSON file")
+    args = ap.parse_args(argv)
+
+    import numpy as np
+
+    from cxr_embed import evaluation as E
+    from cxr_embed import metrics
+    from cxr_embed.classifiers import parse_models
+
+    _limit_threads(args.threads)
+    models = parse_models(args.models)
+    out: dict = {"n": args.n, "dim": args.dim, "threads": args.threads, "cpu_count": os.cpu_count()}
+    t0 = time.perf_counter()
+    cohort = E.synthetic_cohort(args.n, args.dim, separation=args.separation, seed=args.seed)
+    groups = E.group_ids(cohort.patients)
+    print(f"cohort {args.n} x {args.dim}: {len(np.unique(groups))} patients, prevalence {cohort.labels.mean():.3f} "
+          f"({time.perf_counter() - t0:.1f} s)", flush=True)
+
+    if not args.skip_cv:
+        t0 = time.perf_counter()
+        folds = E.patient_group_folds(cohort.labels, groups, args.folds, args.seed)
+        out["fold_seconds"] = time.perf_counter() - t0
+        cv = {}
+        for name in models:
+            (r,) = E.cross_validate(cohort.embeddings, cohort.labels, groups, folds, [name], seed=args.seed)
+            cv[name] = {"roc_auc": r.pooled.values["roc_auc"], "ci": r.pooled.auc_ci, "brier": r.pooled.values["brier"],
+                        "seconds": r.seconds}
+            print(f"cv {name:4s} ROC-AUC {r.pooled.values['roc_auc']:.4f} [{r.pooled.auc_ci[0]:.4f}, {r.pooled.auc_ci[1]:.4f}] "
+                  f"Brier {r.pooled.values['brier']:.4f}  {r.seconds:7.1f} s", flush=True)
+        total = out["fold_seconds"] + sum(v["seconds"] for v in cv.values())
+        out["cv"], out["cv_total_seconds"] = cv, total
+        print(f"cv total ({len(models)} classifiers x {args.folds} folds, folds included): {total:.1f} s "
+              f"({total / 60:.2f} min; target <= 10 min)", flush=True)
+
+    if args.subsample:
+        rng = np.random.default_rng(args.seed)
+        sub = np.sort(rng.choice(args.n, min(args.subsample, args.n), replace=False))
+        X, y, g = cohort.embeddings[sub], cohort.labels[sub].astype(int), groups[sub]
+        (fold, *_) = E.patient_group_folds(y, g, 5, args.seed)
+        Xtr, ytr, Xte, yte = X[fold.train], y[fold.train], X[fold.test], y[fold.test]
+        comparison = {}
+        for name in models:
+            t = time.perf_counter()
+            ours = E.fit_model(name, Xtr, ytr, g[fold.train], seed=args.seed)
+            auc_ours = metrics.roc_auc(yte, ours.predict_proba(Xte))
+            t_ours = time.perf_counter() - t
+            t = time.perf_counter()
+            ref = exact_sklearn(name, ours, args.seed).fit(Xtr, ytr)
+            auc_ref = metrics.roc_auc(yte, ref.predict_proba(Xte)[:, 1])
+            t_ref = time.perf_counter() - t
+            comparison[name] = {"ours": auc_ours, "sklearn": auc_ref, "diff": auc_ours - auc_ref,
+                                "ours_seconds": t_ours, "sklearn_seconds": t_ref}
+            print(f"subsample {len(sub)}: {name:4s} ours {auc_ours:.4f} ({t_ours:6.1f} s)  exact sklearn {auc_ref:.4f} "
+                  f"({t_ref:6.1f} s)  diff {auc_ours - auc_ref:+.4f}", flush=True)
+        out["subsample"] = {"rows": len(sub), "train": len(fold.train), "test": len(fold.test), "models": comparison}
+    if args.json_path:
+        with open(args.json_path, "w") as fh:
+            json.dump(out, fh, indent=2, default=float)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,416 @@
+"""The five classifiers of the study (SVM, logistic regression, KNN, random forest, MLP) on embeddings.
+
+Each is built to give sklearn-level ROC-AUC *and* run on all 112,120 x 1024 ChestX-ray14
+embeddings on two CPU cores inside the 5-fold CV budget (``benchmarks/classify_suite.py`` measures
+both). Exact sklearn does not: ``SVC(probability=True)`` is quadratic in rows plus an internal
+5-fold Platt CV (hours), and a brute-force KNN over 1024-d floats costs a minute per fold.
+
+==========  ==================================================================================
+name        implementation (defaults)                                    why
+==========  ==================================================================================
+``svm``     RBF kernel by Nystroem features (1024 landmarks, gamma="scale"  linear in rows; the
+            as sklearn), squared-hinge linear SVM (C=1) by full-batch        1024-landmark map
+            L-BFGS (scipy),    Platt scaling on the held-out slice             approximates the
+                                                                             exact kernel closely
+``lr``      sklearn ``LogisticRegression`` (lbfgs) on standardised inputs,  exact; already fast
+            C picked from (0.01, 0.1, 1) on the held-out slice (fits on at
+            most 20k rows for the choice)
+``knn``     FAISS exact L2 search on the top 256 principal components,      4x less distance
+            uniform vote, k picked from (5, 15, 31, 63) on the held-out      work than 1024-d;
+            slice (one search serves all k)                                  the vote of more
+                                                                             neighbours gives
+                                                                             usable probabilities
+``rf``      sklearn ``RandomForestClassifier`` on the top 64 principal      full 1024-d trees
+            components: 200 trees, max_features="sqrt", min_samples_leaf=3,  are ~30x slower and
+            max_samples=0.5                                                  no better
+``mlp``     torch MLP 1024-256-1 (ReLU, dropout 0.2), AdamW 1e-3, batch 512, sklearn MLPClassifier
+            early stopping on the held-out slice (patience 3, <= 30 epochs)  is single-threaded
+                                                                             float64
+==========  ==================================================================================
+
+Every classifier is trained with ``fit(X, y, X_val, y_val)``: ``(X_val, y_val)`` is a
+patient-disjoint slice of the *training* data (see :mod:`cxr_embed.evaluation`) used for
+hyper-parameter choice, early stopping and Platt scaling, never the test fold.
+Fitted state is numpy arrays and sklearn estimators only, so models persist with skops.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.linalg
+
+from cxr_embed import metrics
+from cxr_embed.errors import ConfigError
+
+CLASSIFIER_NAMES: tuple[str, ...] = ("svm", "lr", "knn", "rf", "mlp")
+
+
+#: Below this many input values (rows x dims) work runs on one thread: thread start-up and
+#: spinning cost more than they save on small data, and far more on a busy shared machine.
+SMALL_WORK = 20_000_000
+
+
+@contextmanager
+def compute_threads(n_rows: int, dim: int) -> Iterator[None]:
+    """Run small problems single-threaded (torch, BLAS/OpenMP via threadpoolctl, FAISS)."""
+    if n_rows * dim >= SMALL_WORK:
+        yield
+        return
+    import faiss
+    import torch
+    from threadpoolctl import threadpool_limits
+
+    before_torch, before_faiss = torch.get_num_threads(), faiss.omp_get_max_threads()
+    torch.set_num_threads(1)
+    faiss.omp_set_num_threads(1)
+    try:
+        with threadpool_limits(1):
+            yield
+    finally:
+        torch.set_num_threads(before_torch)
+        faiss.omp_set_num_threads(before_faiss)
+
+
+def _f32(X: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(X, dtype=np.float32)
+
+
+@dataclass
+class Standardizer:
+    """Per-feature mean/std learned on training rows (std floored so constant features stay finite)."""
+
+    mean: np.ndarray
+    scale: np.ndarray
+
+    @classmethod
+    def fit(cls, X: np.ndarray) -> Standardizer:
+        return cls(X.mean(0).astype(np.float32), np.maximum(X.std(0), 1e-6).astype(np.float32))
+
+    def __call__(self, X: np.ndarray) -> np.ndarray:
+        return (X - self.mean) / self.scale
+
+
+@dataclass
+class Pca:
+    """Top principal components via an eigendecomposition of the (D x D) covariance: one pass over X."""
+
+    mean: np.ndarray
+    components: np.ndarray  # (D, k)
+
+    @classmethod
+    def fit(cls, X: np.ndarray, k: int, max_rows: int = 50_000, seed: int = 0) -> Pca:
+        rng = np.random.default_rng(seed)
+        rows = X if len(X) <= max_rows else X[rng.choice(len(X), max_rows, replace=False)]
+        mean = rows.mean(0, dtype=np.float64)
+        centred = (rows - mean).astype(np.float64)
+        cov = centred.T @ centred / max(len(rows) - 1, 1)
+        d = X.shape[1]
+        k = min(k, d)
+        _, vecs = scipy.linalg.eigh(cov, subset_by_index=[d - k, d - 1])  # only the top k: much faster
+        return cls(mean.astype(np.float32), np.ascontiguousarray(vecs[:, ::-1], dtype=np.float32))
+
+    def __call__(self, X: np.ndarray) -> np.ndarray:
+        return _f32((X - self.mean) @ self.components)
+
+
+def _platt(scores: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+    """Platt's sigmoid ``1 / (1 + exp(-(a*s + b)))`` fitted by (nearly unpenalised) logistic regression."""
+    from sklearn.linear_model import LogisticRegression
+
+    if len(np.unique(y)) < 2:
+        return 1.0, 0.0
+    lr = LogisticRegression(C=1e6, max_iter=1000).fit(scores.reshape(-1, 1).astype(np.float64), y)
+    return float(lr.coef_[0, 0]), float(lr.intercept_[0])
+
+
+def _sigmoid(z: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-np.clip(z, -50, 50)))
+
+
+class LogisticClassifier:
+    """sklearn logistic regression (lbfgs) on standardised embeddings; C chosen on the held-out slice."""
+
+    name = "lr"
+    grid = (0.01, 0.1, 1.0)
+
+    def __init__(self, C: float | None = None, seed: int = 0, tune_rows: int = 20_000):
+        self.C, self.seed, self.tune_rows = C, seed, tune_rows
+
+    def fit(self, X, y, X_val=None, y_val=None) -> LogisticClassifier:
+        from sklearn.linear_model import LogisticRegression
+
+        self.scaler_ = Standardizer.fit(_f32(X))
+        Z = self.scaler_(_f32(X))
+        C = self.C
+        if C is None:
+            C = 1.0
+            if X_val is not None and len(np.unique(y_val)) == 2:
+                rng = np.random.default_rng(self.seed)
+                sub = rng.choice(len(Z), min(self.tune_rows, len(Z)), replace=False)
+                Zv = self.scaler_(_f32(X_val))
+                scores = {
+                    c: metrics.roc_auc(y_val, LogisticRegression(C=c, max_iter=500).fit(Z[sub], y[sub]).decision_function(Zv))
+                    for c in self.grid
+                }
+                C = max(scores, key=scores.get)
+        self.C_ = C
+        self.model_ = LogisticRegression(C=C, max_iter=1000).fit(Z, y)
+        return self
+
+    def predict_proba(self, X) -> np.ndarray:
+        return self.model_.predict_proba(self.scaler_(_f32(X)))[:, 1].astype(np.float64)
+
+
+def _squared_hinge_svm(F: np.ndarray, t: np.ndarray, C: float) -> tuple[np.ndarray, float]:
+    """Primal linear SVM, liblinear's default loss: min 0.5|w|^2 + C sum max(0, 1 - t(Fw + b))^2.
+
+    Solved by L-BFGS (scipy) on the objective divided by C*n; the squared hinge is differentiable,
+    and each step is two float32 matrix-vector products, so 100k x 1024 takes seconds.
+    """
+    from scipy.optimize import minimize
+
+    n, m = F.shape
+    lam = 1.0 / (C * n)
+
+    def objective(theta: np.ndarray) -> tuple[float, np.ndarray]:
+        w, b = theta[:m].astype(np.float32), np.float32(theta[m])
+        margin = np.maximum(1 - t * (F @ w + b), 0)
+        g = -2 * t * margin / n
+        grad = np.empty(m + 1)
+        grad[:m] = F.T @ g + lam * w
+        grad[m] = g.sum()
+        return float((margin * margin).mean() + 0.5 * lam * float(w @ w)), grad
+
+    res = minimize(objective, np.zeros(m + 1), jac=True, method="L-BFGS-B", options={"maxiter": 500, "gtol": 1e-6})
+    return res.x[:m].astype(np.float32), float(res.x[m])
+
+
+class SvmClassifier:
+    """RBF-kernel SVM by Nystroem features + squared-hinge linear SVM (L-BFGS) + Platt scaling."""
+
+    name = "svm"
+
+    def __init__(self, C: float = 1.0, n_landmarks: int = 1024, seed: int = 0):
+        self.C, self.n_landmarks, self.seed = C, n_landmarks, seed
+
+    def _features(self, X: np.ndarray) -> np.ndarray:
+        import torch
+
+        out = np.empty((len(X), self.normalizer_.shape[1]), dtype=np.float32)
+        L = torch.from_numpy(self.landmarks_)
+        L2 = (L * L).sum(1)
+        W = torch.from_numpy(self.normalizer_)
+        for start in range(0, len(X), 8192):
+            x = torch.from_numpy(_f32(X[start : start + 8192]))
+            d2 = ((x * x).sum(1, keepdim=True) + L2 - 2 * x @ L.T).clamp_min_(0)
+            out[start : start + len(x)] = (torch.exp(-self.gamma_ * d2) @ W).numpy()
+        return out
+
+    def _decision(self, F: np.ndarray) -> np.ndarray:
+        return F @ self.coef_ + self.intercept_
+
+    def fit(self, X, y, X_val=None, y_val=None) -> SvmClassifier:
+        X = _f32(X)
+        rng = np.random.default_rng(self.seed)
+        self.gamma_ = float(1.0 / (X.shape[1] * X.var()))  # sklearn's gamma="scale"
+        m = min(self.n_landmarks, len(X))
+        self.landmarks_ = X[np.sort(rng.choice(len(X), m, replace=False))].copy()
+        L = self.landmarks_.astype(np.float64)
+        sq = (L * L).sum(1)
+        d2 = np.maximum(sq[:, None] + sq[None, :] - 2 * L @ L.T, 0)
+        # K_nm L^-T with K_mm = L L^T spans the same feature space as sklearn's K_nm K_mm^-1/2 (a rotation,
+        # which an L2-regularised linear model ignores), and a Cholesky is ~50x cheaper than eigh.
+        K = np.exp(-self.gamma_ * d2) + 1e-6 * np.eye(m)
+        chol = np.linalg.cholesky(K)
+        self.normalizer_ = _f32(scipy.linalg.solve_triangular(chol, np.eye(m), lower=True).T)
+        F = self._features(X)
+        t = np.where(np.asarray(y) == 1, 1.0, -1.0).astype(np.float32)
+        self.coef_, self.intercept_ = _squared_hinge_svm(F, t, self.C)
+        if X_val is not None:
+            self.platt_ = _platt(self._decision(self._features(_f32(X_val))), np.asarray(y_val))
+        else:
+            self.platt_ = _platt(self._decision(F), np.asarray(y))
+        return self
+
+    def predict_proba(self, X) -> np.ndarray:
+        a, b = self.platt_
+        return _sigmoid(a * self._decision(self._features(_f32(X))).astype(np.float64) + b)
+
+
+class KnnClassifier:
+    """Uniform k-nearest-neighbour vote with FAISS exact L2 search in a PCA-reduced space."""
+
+    name = "knn"
+    grid = (5, 15, 31, 63, 127)
+
+    def __init__(self, k: int | None = None, n_components: int = 256, seed: int = 0):
+        self.k, self.n_components, self.seed = k, n_components, seed
+
+    def _index(self):
+        import faiss
+
+        if getattr(self, "_faiss", None) is None:
+            self._faiss = faiss.IndexFlatL2(self.train_.shape[1])
+            self._faiss.add(self.train_)
+        return self._faiss
+
+    def __getstate__(self) -> dict:
+        # the FAISS index is rebuilt from train_ on demand; it is not part of the saved state
+        return {k: v for k, v in self.__dict__.items() if k != "_faiss"}
+
+    def _votes(self, X: np.ndarray, k_max: int) -> np.ndarray:
+        _, idx = self._index().search(self.pca_(_f32(X)), min(k_max, len(self.train_)))
+        return self.labels_[idx]
+
+    def fit(self, X, y, X_val=None, y_val=None) -> KnnClassifier:
+        X = _f32(X)
+        self.pca_ = Pca.fit(X, self.n_components, seed=self.seed)
+        self.train_ = self.pca_(X)
+        self.labels_ = np.asarray(y, dtype=np.float32)
+        self._faiss = None
+        k = self.k
+        if k is None:
+            k = self.grid[1]
+            if X_val is not None and len(np.unique(y_val)) == 2:
+                votes = np.cumsum(self._votes(X_val, max(self.grid)), axis=1)
+                scores = {c: metrics.roc_auc(y_val, votes[:, min(c, votes.shape[1]) - 1]) for c in self.grid}
+                k = max(scores, key=scores.get)
+        self.k_ = min(k, len(self.train_))
+        return self
+
+    def predict_proba(self, X) -> np.ndarray:
+        return self._votes(X, self.k_).mean(1).astype(np.float64)
+
+
+class ForestClassifier:
+    """sklearn random forest on the top principal components (see the module table for the settings)."""
+
+    name = "rf"
+
+    def __init__(self, n_estimators: int = 100, n_components: int = 64, max_samples: int = 20_000, seed: int = 0):
+        self.n_estimators, self.n_components, self.max_samples, self.seed = n_estimators, n_components, max_samples, seed
+
+    def fit(self, X, y, X_val=None, y_val=None) -> ForestClassifier:
+        from sklearn.ensemble import RandomForestClassifier
+
+        X = _f32(X)
+        self.pca_ = Pca.fit(X, self.n_components, seed=self.seed)
+        self.model_ = RandomForestClassifier(
+            n_estimators=self.n_estimators,
+            max_features="sqrt",
+            min_samples_leaf=5,
+            max_samples=min(0.5, self.max_samples / len(X)) if len(X) >= 100 else None,
+            n_jobs=-1 if X.size >= SMALL_WORK else 1,
+            random_state=self.seed,
+        ).fit(self.pca_(X), y)
+        self.model_.n_jobs = None  # saved models must not pin a thread count
+        return self
+
+    def predict_proba(self, X) -> np.ndarray:
+        self.model_.n_jobs = -1 if X.size >= SMALL_WORK else 1
+        return self.model_.predict_proba(self.pca_(_f32(X)))[:, 1]
+
+
+class MlpClassifier:
+    """One-hidden-layer torch MLP with early stopping on the held-out slice; weights kept as numpy."""
+
+    name = "mlp"
+
+    def __init__(self, hidden: int = 128, epochs: int = 20, patience: int = 2, lr: float = 1e-3, seed: int = 0):
+        self.hidden, self.epochs, self.patience, self.lr, self.seed = hidden, epochs, patience, lr, seed
+
+    def _module(self):
+        import torch
+
+        return torch.nn.Sequential(
+            torch.nn.Linear(self.dim_, self.hidden),
+            torch.nn.ReLU(),
+            torch.nn.Dropout(0.2),
+            torch.nn.Linear(self.hidden, 1),
+        )
+
+    def _logits(self, net, Z: np.ndarray) -> np.ndarray:
+        import torch
+
+        net.eval()
+        with torch.no_grad():
+            return np.concatenate(
+                [net(torch.from_numpy(Z[s : s + 16384])).squeeze(1).numpy() for s in range(0, len(Z), 16384)]
+            ) if len(Z) else np.empty(0, dtype=np.float32)
+
+    def fit(self, X, y, X_val=None, y_val=None) -> MlpClassifier:
+        import torch
+
+        torch.manual_seed(self.seed)
+        rng = np.random.default_rng(self.seed)
+        X = _f32(X)
+        self.dim_ = X.shape[1]
+        self.scaler_ = Standardizer.fit(X)
+        Z = torch.from_numpy(_f32(self.scaler_(X)))
+        t = torch.from_numpy(np.asarray(y, dtype=np.float32))
+        Zv = _f32(self.scaler_(_f32(X_val))) if X_val is not None else None
+        net = self._module()
+        opt = torch.optim.AdamW(net.parameters(), lr=self.lr, weight_decay=1e-4, foreach=True)
+        lossf = torch.nn.BCEWithLogitsLoss()
+        best, best_state, waited = np.inf, None, 0
+        for _ in range(self.epochs):
+            net.train()
+            for batch in np.array_split(rng.permutation(len(Z)), max(len(Z) // 512, min(10, len(Z) // 32), 1)):
+                opt.zero_grad()
+                loss = lossf(net(Z[batch]).squeeze(1), t[batch])
+                loss.backward()
+                opt.step()
+            if Zv is None:
+                continue
+            p = _sigmoid(self._logits(net, Zv).astype(np.float64))
+            val_loss = -np.mean(np.where(np.asarray(y_val) == 1, np.log(p + 1e-12), np.log(1 - p + 1e-12)))
+            if val_loss < best - 1e-4:
+                best, waited = val_loss, 0
+                best_state = {k: v.clone() for k, v in net.state_dict().items()}
+            else:
+                waited += 1
+                if waited >= self.patience:
+                    break
+        if best_state is not None:
+            net.load_state_dict(best_state)
+        self.weights_ = {k: v.detach().numpy().copy() for k, v in net.state_dict().items()}
+        return self
+
+    def predict_proba(self, X) -> np.ndarray:
+        import torch
+
+        net = self._module()
+        net.load_state_dict({k: torch.from_numpy(v) for k, v in self.weights_.items()})
+        return _sigmoid(self._logits(net, _f32(self.scaler_(_f32(X)))).astype(np.float64))
+
+
+_REGISTRY = {
+    "svm": SvmClassifier,
+    "lr": LogisticClassifier,
+    "knn": KnnClassifier,
+    "rf": ForestClassifier,
+    "mlp": MlpClassifier,
+}
+
+#: Types a saved model may contain (the skops trust list for :func:`cxr_embed.evaluation.load_model`).
+CLASSIFIER_TYPES = tuple(_REGISTRY.values()) + (Standardizer, Pca)
+
+
+def parse_models(spec: str) -> list[str]:
+    """``"svm,lr"`` -> ``["svm", "lr"]``; unknown names raise :class:`ConfigError`."""
+    names = [s.strip().lower() for s in spec.split(",") if s.strip()]
+    bad = [n for n in names if n not in _REGISTRY]
+    if bad or not names:
+        raise ConfigError(f"Unknown classifier(s) {bad or spec!r}; choose from {', '.join(CLASSIFIER_NAMES)}.")
+    return list(dict.fromkeys(names))
+
+
+def make_classifier(name: str, seed: int = 0):
+    """A fresh, unfitted classifier by name with the documented defaults."""
+    if name not in _REGISTRY:
+        raise ConfigError(f"Unknown classifier {name!r}; choose from {', '.join(CLASSIFIER_NAMES)}.")
+    return _REGISTRY[name](seed=seed)

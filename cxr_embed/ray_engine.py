@@ -1,0 +1,385 @@
+"""The Ray engine of ``cxr-embed index --engine ray``: the same job, scaled out over a Ray cluster.
+
+Pipeline::
+
+    driver: read_dataset → StoreWriter.pending (resume: only what the store lacks)
+      → Ray Data: from_items(index, path) in input order
+          → map_batches(decode_batch)     CPU tasks: read_image + preprocessing; failures become
+                                          (stage, reason) columns, never exceptions
+          → map_batches(EmbedActor)       an actor pool, one loaded model per actor (one per GPU,
+                                          or a small pool of CPU actors without GPUs)
+      → driver: iter_batches (order preserved) → StoreWriter.append every ``shard_size`` rows
+      → StoreWriter.finalize (FAISS index built after the embedding stage)
+
+Why the driver writes: :class:`~cxr_embed.store.StoreWriter` (lock, dense row_ids, atomic manifest,
+errors.parquet) is the store's single writer, so committing from one process keeps the Ray store
+byte-for-byte the same format, with the same row order and resume semantics, as the local engine's.
+Only embeddings (D float32 per image) travel back to the driver, so it is never the bottleneck: at
+1024 dims that is 4 KiB per image, a few MB/s even at thousands of images/s.
+
+Ray fuses the decode tasks into the embedding actors when both ask for the same resources (a CPU-only
+pool with ``cpus_per_worker=1``); that is right there: a CPU forward costs ~1000x the decode, and
+fusion saves shipping 2.7 MB of pixels per image through the object store. On GPUs the actors ask for
+a GPU, so decoding stays on separate CPU tasks that keep the GPUs fed.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import socket
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlparse
+
+import numpy as np
+
+from cxr_embed.errors import ConfigError, CxrEmbedError, DependencyError, StoreMismatchError
+from cxr_embed.job import DecodeDataset, IndexConfig, IndexSummary, _Failed, _ShardBuffer
+from cxr_embed.progress import progress_bar
+from cxr_embed.records import ImageRecord, ReadFailure, read_dataset
+from cxr_embed.store import StoreWriter
+
+if TYPE_CHECKING:
+    from cxr_embed.model import MedImageInsight
+    from cxr_embed.preprocessing import Preprocessor
+
+CPU_POOL_MAX = 4
+"""At most this many CPU model actors by default: each holds a model copy (2.5 GB at full size)."""
+MAX_BLOCKS = 10_000
+"""Cap on input blocks: enough to stream and balance, few enough that scheduling stays cheap."""
+
+
+@dataclass(frozen=True)
+class PoolPlan:
+    """How many model actors run where: what ``--gpus-per-worker`` / ``--cpus-per-worker`` resolve to."""
+
+    actors: int
+    device: str  # "cuda" | "cpu": what each actor loads the model on
+    gpus_per_worker: float
+    cpus_per_worker: float
+
+    def describe(self) -> str:
+        gpus = f"{self.gpus_per_worker:g} GPU + " if self.gpus_per_worker else ""
+        return f"{self.actors} model actor(s) on {self.device}, {gpus}{self.cpus_per_worker:g} CPU each"
+
+
+def plan_pool(resources: dict[str, float], device: str, gpus_per_worker: float | None, cpus_per_worker: float) -> PoolPlan:
+    """Size the actor pool from the cluster's resources (``ray.cluster_resources()``).
+
+    GPUs: one actor per ``gpus_per_worker`` GPUs (default 1; 0.5 packs two models per GPU).
+    CPU only: up to :data:`CPU_POOL_MAX` actors, always leaving a CPU free so decode tasks can run.
+    Raises ConfigError for requests the cluster cannot satisfy (better than a job that hangs
+    waiting for resources that never come).
+    """
+    if cpus_per_worker <= 0:
+        raise ConfigError(f"--cpus-per-worker must be positive, got {cpus_per_worker:g}.")
+    if gpus_per_worker is not None and gpus_per_worker < 0:
+        raise ConfigError(f"--gpus-per-worker must be 0 (CPU actors) or more, got {gpus_per_worker:g}.")
+    gpus, cpus = float(resources.get("GPU", 0)), float(resources.get("CPU", 0))
+    wants_cuda = device.startswith("cuda")
+    use_gpu = device != "cpu" and gpus_per_worker != 0 and (gpus > 0 or wants_cuda)
+    if use_gpu:
+        per = 1.0 if gpus_per_worker is None else gpus_per_worker
+        if gpus < per:
+            raise ConfigError(
+                f"The Ray cluster has {gpus:g} GPU(s) but each model actor asks for {per:g} (--device {device}). "
+                "Start the workers with GPUs (`ray start --num-gpus N`), lower --gpus-per-worker, or use --device cpu."
+            )
+        return PoolPlan(int(gpus // per), "cuda", per, cpus_per_worker)
+    if wants_cuda:
+        raise ConfigError(f"--device {device} conflicts with --gpus-per-worker 0; use --device cpu or give each actor a GPU.")
+    if cpus_per_worker > max(1.0, cpus - 1):
+        raise ConfigError(
+            f"--cpus-per-worker {cpus_per_worker:g} leaves no CPU for decoding on a Ray cluster with {cpus:g} CPU(s); "
+            f"use at most {max(1.0, cpus - 1):g}."
+        )
+    actors = max(1, min(CPU_POOL_MAX, int((cpus - 1) // cpus_per_worker)))
+    return PoolPlan(actors, "cpu", 0.0, cpus_per_worker)
+
+
+# ----------------------------------------------------------------------------- stages (run on Ray workers)
+
+
+def _path_record(path: str) -> ImageRecord:
+    """The minimal record :class:`DecodeDataset` needs (it reads only ``.path``): keeps Ray rows small."""
+    return ImageRecord(image_id=path, path=path, patient_id=None, study=None, split=None, label=None,
+                       findings=None, sex=None, age=None, view=None, source="")
+
+
+def decode_batch(batch: dict[str, np.ndarray], preprocessor: Preprocessor) -> dict[str, np.ndarray]:
+    """Stage 1 (CPU tasks): paths → preprocessed pixels; a bad file fills ``stage``/``reason`` instead.
+
+    Returns columns ``i``, ``pixels`` (B, 3, S, S) float32 (zeros for failed rows), ``stage`` ("" when
+    the image decoded) and ``reason``. Uses the local engine's :class:`DecodeDataset`, so both engines
+    decode and classify failures identically.
+    """
+    data = DecodeDataset([_path_record(str(p)) for p in batch["path"]], preprocessor)
+    n, size = len(data), preprocessor.image_size
+    pixels = np.zeros((n, 3, size, size), dtype=np.float32)
+    stage, reason = np.full(n, "", dtype=object), np.full(n, "", dtype=object)
+    for k in range(n):
+        _, item = data[k]
+        if isinstance(item, _Failed):
+            stage[k], reason[k] = item.stage, item.reason
+        else:
+            pixels[k] = item.numpy()
+    return {"i": batch["i"], "pixels": pixels, "stage": stage, "reason": reason}
+
+
+class EmbedActor:
+    """Stage 2 (actor pool): loads the model once per actor and embeds every batch it is given.
+
+    The actor checks that its model is the one the driver stamped the store with (a node with another
+    checkpoint at the same path would otherwise mix models into one store).
+    """
+
+    def __init__(self, model_dir: str, device: str, precision: str, identity: tuple[str, str, str]):
+        from cxr_embed.model import MedImageInsight
+
+        self.model = MedImageInsight.load(model_dir, device=device, precision=precision)
+        found = _identity(self.model)
+        if found != identity:
+            raise StoreMismatchError(
+                f"The model folder {model_dir} on Ray node {socket.gethostname()} is {found[0]} (checkpoint "
+                f"{found[1][:12]}…), but the driver's is {identity[0]} ({identity[1][:12]}…). Every node must see "
+                "the same model folder at the same path (a shared filesystem, or the same `cxr-embed model pull`)."
+            )
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Columns ``i``, ``embedding`` (B, D) float32, ``stage``, ``reason`` (``encode`` for non-finite output)."""
+        import torch
+
+        ok = batch["stage"] == ""
+        stage, reason = batch["stage"].copy(), batch["reason"].copy()
+        emb = np.zeros((len(ok), self.model.embed_dim), dtype=np.float32)
+        if ok.any():
+            pixels = torch.from_numpy(np.ascontiguousarray(batch["pixels"][ok]))
+            if self.model.device.type == "cuda":
+                pixels = pixels.pin_memory()
+            with torch.inference_mode():
+                emb[ok] = self.model.encode_images(pixels.to(self.model.device, non_blocking=True)).numpy()
+            bad = ok & ~np.isfinite(emb).all(axis=1)
+            stage[bad] = "encode"
+            reason[bad] = f"non-finite embedding at {self.model.precision}; retry with --precision fp32"
+            emb[bad] = 0.0
+        return {"i": batch["i"], "embedding": emb, "stage": stage, "reason": reason}
+
+
+# ----------------------------------------------------------------------------- driver
+
+
+def describe_model(model_dir: str | Path | None) -> MedImageInsight:
+    """The model's identity (id, checkpoint sha256, preprocessing, dim) without loading its weights.
+
+    The driver needs it to open the store; the weights live only in the actors. The module is built
+    on PyTorch's meta device (no memory), and the checkpoint hash is cached by ``sha256_file``.
+    """
+    import torch
+
+    from cxr_embed.model import MedImageInsight, resolve_model_dir
+    from cxr_embed.model.config import load_config
+    from cxr_embed.model.files import CHECKPOINT_RELPATH, CONFIG_NAME, sha256_file
+    from cxr_embed.model.unicl import UniCL
+
+    folder = resolve_model_dir(model_dir)
+    with torch.device("meta"):
+        module = UniCL(load_config(folder / CONFIG_NAME))
+    return MedImageInsight(module, folder, sha256_file(folder / CHECKPOINT_RELPATH), torch.device("cpu"))
+
+
+def _identity(model: MedImageInsight) -> tuple[str, str, str]:
+    return model.model_id, model.checkpoint_sha256, model.preprocessor.fingerprint()
+
+
+def local_store_path(store_dir: str | Path) -> Path:
+    """``store_dir`` as a local path; ``file://`` URIs accepted, other schemes refused with advice.
+
+    The store is written only by the driver, through StoreWriter, which relies on POSIX semantics
+    (``flock``, atomic ``rename``, ``fsync``) that object stores (s3://, gs://, abfs://) lack.
+    """
+    text = str(store_dir)
+    if "://" not in text:
+        return Path(text).expanduser()
+    uri = urlparse(text)
+    if uri.scheme == "file":
+        return Path(uri.path)
+    raise ConfigError(
+        f"--store {text}: a store must be on a POSIX filesystem the driver can lock and rename on (a local disk or "
+        f"a shared mount such as NFS/Lustre), not {uri.scheme}://. Write it to a local path and copy it to "
+        f"{uri.scheme}:// when done (e.g. `aws s3 sync`); only the driver writes it, so workers do not need it."
+    )
+
+
+def _import_ray() -> Any:
+    try:
+        import ray
+        import ray.data
+    except ImportError:
+        raise DependencyError(
+            "--engine ray needs Ray, which is not installed. Install it with: pip install 'cxr-embed[ray]' "
+            "(or pip install 'ray[data]'), or use --engine local."
+        ) from None
+    return ray
+
+
+def _connect(ray: Any, address: str | None) -> bool:
+    """Join ``address`` (or start a local instance); True when this call started Ray (so it shuts it down).
+
+    ``address=None`` honours ``$RAY_ADDRESS`` as ``ray.init`` does, else starts a local instance.
+    Usage statistics are off unless the user opted in: radiology sites often forbid any phone-home.
+    """
+    if ray.is_initialized():
+        return False
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    local = {"include_dashboard": False} if address is None and not os.environ.get("RAY_ADDRESS") else {}
+    try:
+        ray.init(address=address, logging_level=logging.WARNING, **local)
+    except (ConnectionError, ValueError, RuntimeError) as exc:
+        raise ConfigError(
+            f"Cannot connect to Ray at {address or os.environ.get('RAY_ADDRESS')!r} ({exc}). Start a cluster with "
+            "`ray start --head` and pass --address auto (same machine), HOST:6379 or ray://HOST:10001."
+        ) from exc
+    return True
+
+
+def _pipeline(ray: Any, todo: list[ImageRecord], model: MedImageInsight, plan: PoolPlan, model_dir: Path,
+              config: IndexConfig) -> Any:
+    """The Ray Data plan: input order preserved, so row_ids match the local engine's exactly."""
+    rows = [{"i": i, "path": rec.path} for i, rec in enumerate(todo)]
+    ds = ray.data.from_items(rows, override_num_blocks=min(MAX_BLOCKS, math.ceil(len(rows) / config.batch_size)))
+    ds = ds.map_batches(decode_batch, batch_size=config.batch_size, batch_format="numpy",
+                        fn_kwargs={"preprocessor": model.preprocessor}, concurrency=config.workers or None)
+    ds = ds.map_batches(
+        EmbedActor,
+        batch_size=config.batch_size,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=plan.actors),
+        num_gpus=plan.gpus_per_worker or None,
+        num_cpus=plan.cpus_per_worker,
+        fn_constructor_kwargs={"model_dir": str(model_dir), "device": plan.device, "precision": config.precision,
+                               "identity": _identity(model)},
+    )
+    ds.context.execution_options.preserve_order = True
+    ds.context.enable_progress_bars = False  # our bar (images/s on stderr) replaces Ray's per-operator bars
+    return ds
+
+
+def _results(ray: Any, ds: Any, prefetch: int) -> Iterator[dict[str, np.ndarray]]:
+    """Embedded batches in input order; a failed Ray job becomes a CxrEmbedError the user can act on."""
+    try:
+        yield from ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=prefetch)
+    except ray.exceptions.RayError as exc:
+        cause = _cxr_cause(exc)
+        if cause is not None:
+            raise cause from None
+        raise CxrEmbedError(
+            f"The Ray job failed: {exc}. Shards committed so far are kept; fix the cause and rerun the same "
+            "command to resume."
+        ) from exc
+
+
+def _cxr_cause(exc: BaseException) -> CxrEmbedError | None:
+    """The CxrEmbedError a Ray worker raised (Ray wraps it in RayTaskError / UserCodeException)."""
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [exc]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, CxrEmbedError):
+            return e
+        todo += [getattr(e, "cause", None), e.__cause__, e.__context__]
+    return None
+
+
+def run_index_ray(source: str | Path, store_dir: str | Path, config: IndexConfig | None = None, *,
+                  address: str | None = None, gpus_per_worker: float | None = None, cpus_per_worker: float = 1.0,
+                  progress: bool = True) -> IndexSummary:
+    """Embed every image under ``source`` that ``store_dir`` lacks on a Ray cluster, then (re)index.
+
+    Same inputs, store and resume semantics as :func:`cxr_embed.job.run_index`; ``address`` is
+    ``None`` (``$RAY_ADDRESS`` or a local instance), ``"auto"`` or ``"ray://host:10001"``. The driver
+    reads the listing and the model identity, so it needs the source listing and the model folder;
+    every worker needs the image files and the model folder at the same paths. ``config.workers``
+    caps concurrent decode tasks (default: Ray decides); ``config.prefetch`` is the number of result
+    batches the driver prefetches. A rerun with nothing left to embed does not start Ray at all.
+    """
+    import torch
+
+    from cxr_embed.model.medimageinsight import check_precision
+
+    config = config or IndexConfig(engine="ray")
+    config.check()
+    ray = _import_ray()
+    store_path = local_store_path(store_dir)
+    start = time.perf_counter()
+    read_failures: list[ReadFailure] = []
+    records = read_dataset(source, config.dataset, errors=read_failures)
+    if config.limit is not None:
+        records = records[: config.limit]
+    model = describe_model(config.model_dir)
+    failures: list[ReadFailure] = list(read_failures)
+    plan: PoolPlan | None = None
+    with StoreWriter(store_path, model_id=model.model_id, checkpoint_sha256=model.checkpoint_sha256,
+                     preprocess_fingerprint=model.preprocessor.fingerprint(), dim=model.embed_dim,
+                     index_kind=config.index) as writer:
+        todo = writer.pending(records)
+        writer.record_failures(read_failures)
+        embed_start = time.perf_counter()
+        if todo:
+            started = _connect(ray, address)
+            try:
+                plan = plan_pool(ray.cluster_resources(), config.device, gpus_per_worker, cpus_per_worker)
+                check_precision(config.precision, torch.device(plan.device))  # here, not in every actor
+                failures += _embed(ray, _pipeline(ray, todo, model, plan, model.model_dir, config), todo, writer, config, progress)
+            finally:
+                if started:
+                    ray.shutdown()
+        embed_seconds = time.perf_counter() - embed_start
+        store = writer.finalize()
+    return IndexSummary(
+        store=str(store.path),
+        source=str(source),
+        model_id=model.model_id,
+        device=plan.device if plan else "none",
+        precision=config.precision,
+        listed=len(records),
+        already_stored=len(records) - len(todo),
+        embedded=writer.rows_added,
+        failed=len(failures),
+        failures_by_stage=dict(Counter(f.stage for f in failures)),
+        rows=len(store),
+        errors_in_store=store.errors().num_rows,
+        index_kind=store.index_kind,
+        seconds=round(time.perf_counter() - start, 3),
+        embed_seconds=round(embed_seconds, 3),
+        images_per_s=round(writer.rows_added / embed_seconds, 2) if writer.rows_added and embed_seconds > 0 else 0.0,
+        engine="ray",
+        notes=[f"ray: {plan.describe()}"] if plan else ["ray: nothing to embed, Ray not started"],
+    )
+
+
+def _embed(ray: Any, ds: Any, todo: list[ImageRecord], writer: StoreWriter, config: IndexConfig,
+           progress: bool) -> list[ReadFailure]:
+    """Commit the pipeline's batches through ``writer`` in input order; returns this run's failures."""
+    failures: list[ReadFailure] = []
+    shards = _ShardBuffer(writer, config.shard_size)
+    with progress_bar(len(todo), "Embedding (Ray)", progress) as bar:
+        for batch in _results(ray, ds, config.prefetch):
+            ok = batch["stage"] == ""
+            recs = [todo[int(i)] for i in batch["i"]]
+            failed = [ReadFailure(r.image_id, r.path, str(s), str(why))
+                      for r, s, why, good in zip(recs, batch["stage"], batch["reason"], ok, strict=True) if not good]
+            shards.add([r for r, good in zip(recs, ok, strict=True) if good], np.asarray(batch["embedding"])[ok])
+            writer.record_failures(failed)
+            failures += failed
+            bar.advance(len(recs))
+    shards.flush()
+    return failures

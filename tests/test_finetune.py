@@ -1,0 +1,268 @@
+"""Fine-tuning: optimiser set-up, schedule, augmentation, exact resume, splits, and end-to-end runs
+with the tiny reference model on synthetic ChestX-ray14 data (CPU, 480x480 input as the model needs)."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from cxr_embed.errors import CheckpointError, ConfigError
+from cxr_embed.finetune import (
+    EMA,
+    FineTuneConfig,
+    TrainState,
+    augment_batch,
+    epoch_batches,
+    finetune,
+    load_checkpoint,
+    lr_at,
+    param_groups,
+    patient_splits,
+    resume_config,
+    save_checkpoint,
+    save_run_config,
+    step_generator,
+    targets_of,
+)
+from cxr_embed.model import MedImageInsight, tiny_model_dir
+from cxr_embed.records import ImageRecord
+
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+# ------------------------------------------------------------------------------------------ fast units
+
+
+def test_param_groups_follow_the_reference_no_decay_rules(tiny_model):
+    named = list(tiny_model.module.named_parameters())
+    decay, plain = param_groups(named, 0.2)
+    assert decay["weight_decay"] == 0.2 and plain["weight_decay"] == 0.0
+    dn, pn = set(decay["names"]), set(plain["names"])
+    assert not dn & pn and dn | pn == {n for n, _ in named}
+    shapes = {n: p.ndim for n, p in named}
+    for name in pn:   # gains/offsets (any 1-D tensor), depthwise convs, norms, embeddings, logit_scale
+        assert shapes[name] <= 1 or ".dw." in name or "embedding" in name, name
+    assert "logit_scale" in pn
+    assert "image_encoder.blocks.0.0.spatial_block.conv1.fn.dw.weight" in pn   # depthwise conv: 4-D yet no decay
+    assert "image_encoder.norms.weight" in pn and "image_encoder.convs.1.proj.bias" in pn
+    assert "image_encoder.blocks.0.0.spatial_block.window_attn.fn.qkv.weight" in dn
+    assert "image_encoder.convs.0.proj.weight" in dn and "image_projection" in dn
+
+
+def test_lr_warms_up_linearly_then_decays_by_cosine():
+    total, warm, base = 100, 10, 1e-5
+    lrs = [lr_at(s, total, warm, base, 1e-9) for s in range(total)]
+    assert lrs[0] == pytest.approx(base / warm) and lrs[warm - 1] == pytest.approx(base)
+    assert all(a < b for a, b in zip(lrs[:warm - 1], lrs[1:warm], strict=True))
+    assert all(a >= b for a, b in zip(lrs[warm:-1], lrs[warm + 1:], strict=True))
+    assert lrs[warm + (total - warm) // 2] == pytest.approx((base + 1e-9) / 2, rel=1e-3)
+    assert lr_at(total, total, warm, base, 1e-9) == pytest.approx(1e-9)
+
+
+def test_augmentation_is_reproducible_and_never_flips_unless_asked():
+    x = (torch.rand(4, 3, 64, 64) - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
+    a = augment_batch(x, step_generator(0, 5, 0), MEAN, STD)
+    assert torch.equal(a, augment_batch(x, step_generator(0, 5, 0), MEAN, STD))   # resume repeats the draws
+    assert not torch.allclose(a, augment_batch(x, step_generator(0, 6, 0), MEAN, STD))
+    assert a.shape == x.shape and not torch.allclose(a, x)
+    pixels = a * torch.tensor(STD).view(1, 3, 1, 1) + torch.tensor(MEAN).view(1, 3, 1, 1)
+    assert pixels.min() >= -1e-5 and pixels.max() <= 1 + 1e-5
+    still = dict(max_rotation_deg=0.0, scale=(1.0, 1.0), brightness=0.0, contrast=0.0)
+    same = augment_batch(x, step_generator(1, 0, 0), MEAN, STD, **still)
+    torch.testing.assert_close(same, x, atol=1e-4, rtol=0)                          # no flip by default
+    flipped = augment_batch(torch.cat([x] * 4), step_generator(1, 0, 0), MEAN, STD, hflip=True, **still)
+    is_flip = [torch.allclose(f, torch.flip(o, [-1]), atol=1e-4) for f, o in zip(flipped, torch.cat([x] * 4), strict=True)]
+    is_same = [torch.allclose(f, o, atol=1e-4) for f, o in zip(flipped, torch.cat([x] * 4), strict=True)]
+    assert any(is_flip) and any(is_same) and all(a or b for a, b in zip(is_flip, is_same, strict=True))
+
+
+def _toy(seed: int) -> tuple[torch.nn.Module, torch.optim.Optimizer, EMA]:
+    torch.manual_seed(seed)
+    net = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.LayerNorm(5), torch.nn.Dropout(0.5), torch.nn.Linear(5, 1))
+    opt = torch.optim.AdamW(param_groups(list(net.named_parameters()), 0.2), lr=1e-2)
+    return net, opt, EMA(list(net.named_parameters()), 0.9)
+
+
+def _toy_step(net: torch.nn.Module, opt: torch.optim.Optimizer, ema: EMA) -> None:
+    opt.zero_grad()
+    net(torch.randn(8, 6)).pow(2).mean().backward()   # draws from torch's global RNG, like DropPath
+    opt.step()
+    ema.update(list(net.named_parameters()))
+
+
+def test_checkpoint_roundtrip_resumes_bit_exactly(tmp_path):
+    """Optimizer moments, EMA, scaler and all RNG states survive safetensors+JSON (no pickle)."""
+    net, opt, ema = _toy(0)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    for _ in range(3):
+        _toy_step(net, opt, ema)
+    random.random(), np.random.rand()
+    save_checkpoint(tmp_path, net=net, optimizer=opt, scaler=scaler, ema=ema, state=TrainState(epoch=1, global_step=3))
+    expected_py, expected_np = random.random(), np.random.rand()
+    for _ in range(2):
+        _toy_step(net, opt, ema)
+    reference = {k: v.clone() for k, v in net.state_dict().items()}
+    net2, opt2, ema2 = _toy(123)   # different init and RNG: everything must come from the checkpoint
+    state = load_checkpoint(tmp_path, net=net2, optimizer=opt2, scaler=scaler, ema=ema2)
+    assert (state.epoch, state.global_step) == (1, 3)
+    assert (random.random(), np.random.rand()) == (expected_py, expected_np)
+    for _ in range(2):
+        _toy_step(net2, opt2, ema2)
+    for k, v in net2.state_dict().items():
+        assert torch.equal(v, reference[k]), k
+    assert all(torch.equal(ema.shadow[k], ema2.shadow[k]) for k in ema.shadow)
+    assert not list(tmp_path.glob("**/*.pt")) and not list(tmp_path.glob("**/*.pkl"))
+
+
+def test_missing_checkpoint_is_a_clear_error(tmp_path):
+    net, opt, ema = _toy(0)
+    with pytest.raises(CheckpointError, match="nothing to resume"):
+        load_checkpoint(tmp_path, net=net, optimizer=opt, scaler=torch.amp.GradScaler("cpu", enabled=False), ema=ema)
+
+
+def _records(n_patients: int, per_patient: int, official: bool) -> list[ImageRecord]:
+    out = []
+    for p in range(n_patients):
+        for k in range(per_patient):
+            label = (p + k) % 2
+            split = ("test" if p % 4 == 0 else "train") if official else None
+            out.append(ImageRecord(f"{p:05d}_{k:03d}.png", f"/x/{p}_{k}.png", f"P{p}", k, split, label,
+                                   (label,) + (0,) * 13, "M", 50.0, "PA", "synth"))
+    return out
+
+
+@pytest.mark.parametrize("official", [True, False])
+def test_splits_are_patient_wise_and_honour_the_official_lists(official):
+    recs = _records(20, 3, official)
+    targets = targets_of(recs, "abnormal")
+    s = patient_splits(recs, targets, val_fraction=0.2, test_fraction=0.25, seed=0)
+    pats = {k: {recs[i].patient_id for i in v} for k, v in s.items()}
+    assert not pats["train"] & pats["val"] and not pats["train"] & pats["test"] and not pats["val"] & pats["test"]
+    assert sorted(np.concatenate(list(s.values()))) == list(range(len(recs)))
+    if official:
+        assert {i for i, r in enumerate(recs) if r.split == "test"} == set(s["test"])
+    assert set(targets[s["val"], 0]) == {0.0, 1.0}   # stratified by patient: both classes validate
+    again = patient_splits(recs, targets, val_fraction=0.2, test_fraction=0.25, seed=0)
+    assert all(np.array_equal(s[k], again[k]) for k in s)
+
+
+def test_epoch_order_is_a_seeded_permutation():
+    a, b = epoch_batches(10, 0, 7, 4), epoch_batches(10, 1, 7, 4)
+    assert [len(x) for x in a] == [4, 4, 2] and sorted(np.concatenate(a)) == list(range(10))
+    assert [x.tolist() for x in a] == [x.tolist() for x in epoch_batches(10, 0, 7, 4)]
+    assert np.concatenate(a).tolist() != np.concatenate(b).tolist()
+
+
+def test_resume_refuses_changed_training_settings(tmp_path):
+    save_run_config(FineTuneConfig(source="/data", out=str(tmp_path), lr=1e-4, epochs=3))
+    with pytest.raises(ConfigError, match="lr"):
+        resume_config(tmp_path, {"lr": 1e-3})
+    cfg = resume_config(tmp_path, {"max_steps": 7, "workers": 2, "epochs": 3})
+    assert (cfg.max_steps, cfg.workers, cfg.lr) == (7, 2, 1e-4)
+
+
+def test_invalid_options_are_refused_before_any_work(tmp_path):
+    for bad in ({"batch_size": 10, "accumulate": 3}, {"precision": "fp8"}, {"ema": 1.5}, {"label": "cats"}):
+        with pytest.raises(ConfigError):
+            FineTuneConfig(source=str(tmp_path), out=str(tmp_path / "o"), **bad).validate()
+
+
+def test_cli_errors_are_messages_not_tracebacks(tmp_path):
+    from cxr_embed_cli.main import app
+
+    res = CliRunner().invoke(app, ["finetune", str(tmp_path), "--out", str(tmp_path / "run"), "--resume"])
+    assert res.exit_code == 1 and "no fine-tuning run" in res.output and "Traceback" not in res.output
+    res = CliRunner().invoke(app, ["finetune", str(tmp_path), "--out", str(tmp_path / "r2"), "--batch-size", "10",
+                                   "--accumulate", "3"])
+    assert res.exit_code == 1 and "multiple of --accumulate" in res.output
+
+
+# ------------------------------------------------------------------------------ end-to-end (tiny model)
+
+
+def _small_config(source: Path, out: Path, **kw) -> FineTuneConfig:
+    """Cheap but complete: accumulation, EMA, augmentation, DropPath all on; stages 1-2 frozen for speed."""
+    base = dict(source=str(source), out=str(out), dataset="chestxray14", model_dir=str(tiny_model_dir()),
+                device="cpu", epochs=2, lr=1e-3, batch_size=2, accumulate=2, freeze_stages=2, ema=0.9, n_boot=50)
+    return FineTuneConfig(**{**base, **kw})
+
+
+@pytest.mark.slow
+def test_interrupted_and_resumed_run_ends_with_identical_weights(synth_small, tmp_path):
+    """SIGTERM mid-run, then --max-steps, then --resume twice == one uninterrupted run of the same steps."""
+    from cxr_embed_cli.main import app
+
+    straight = tmp_path / "straight"
+    res = CliRunner().invoke(app, ["finetune", str(synth_small), "--out", str(straight), "--dataset", "chestxray14",
+                                   "--model-dir", str(tiny_model_dir()), "--device", "cpu",
+                                   "--epochs", "2", "--lr", "1e-3", "--batch-size", "2", "--accumulate", "2",
+                                   "--freeze-stages", "2", "--ema", "0.9", "--max-steps", "3", "--json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["status"] == "max_steps"
+
+    def sigterm_after_first_step(info):
+        if info.global_step == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    broken = tmp_path / "broken"
+    first = finetune(_small_config(synth_small, broken), progress=False, on_step=sigterm_after_first_step)
+    assert first.status == "interrupted" and first.state.global_step == 1 and first.model_dir is None
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL   # the handler is removed again
+    second = finetune(resume_config(broken, {"max_steps": 2}), resume=True, progress=False)
+    assert second.status == "max_steps" and second.state.global_step == 2
+    res = CliRunner().invoke(app, ["finetune", str(synth_small), "--out", str(broken), "--resume",
+                                   "--max-steps", "3", "--json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["global_step"] == 3
+    a = load_file(straight / "checkpoint" / "model.safetensors")
+    b = load_file(broken / "checkpoint" / "model.safetensors")
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])][:5]
+    ea, eb = load_file(straight / "checkpoint" / "ema.safetensors"), load_file(broken / "checkpoint" / "ema.safetensors")
+    assert all(torch.equal(ea[k], eb[k]) for k in ea)
+    # training really changed the unfrozen weights and left the frozen stages alone
+    base = MedImageInsight.load(tiny_model_dir(), device="cpu").module.image_encoder.state_dict()
+    assert torch.equal(a["encoder.blocks.0.0.spatial_block.window_attn.fn.qkv.weight"],
+                       base["blocks.0.0.spatial_block.window_attn.fn.qkv.weight"])
+    assert not torch.equal(a["encoder.blocks.3.0.channel_block.ffn.fn.net.fc1.weight"],
+                           base["blocks.3.0.channel_block.ffn.fn.net.fc1.weight"])
+    _check_export(straight)
+
+
+def _check_export(run_dir: Path) -> None:
+    """The exported folder loads with the strict loader, embeds, and differs from the base only in the tower."""
+    from cxr_embed.evaluation import METRICS_SCHEMA, PREDICTIONS_SCHEMA, RUNS_SCHEMA
+
+    base = MedImageInsight.load(tiny_model_dir(), device="cpu")
+    tuned = MedImageInsight.load(run_dir / "model", device="cpu")
+    assert tuned.model_id != base.model_id and tuned.checkpoint_sha256 != base.checkpoint_sha256
+    b, t = base.module.state_dict(), tuned.module.state_dict()
+    assert b.keys() == t.keys()
+    assert all(torch.equal(b[k], t[k]) for k in b if not k.startswith("image_encoder."))
+    best = load_file(run_dir / "best" / "model.safetensors")
+    assert all(torch.equal(best[f"encoder.{k[len('image_encoder.'):]}"], v) for k, v in t.items()
+               if k.startswith("image_encoder."))
+    image = next(iter(sorted(Path(json.loads((run_dir / "config.json").read_text())["source"]).rglob("*.png"))))
+    emb = tuned.embed_paths([image])
+    assert emb.shape == (1, base.embed_dim) and np.isclose(np.linalg.norm(emb), 1.0)
+    assert not np.allclose(emb, base.embed_paths([image]))
+    head = load_file(run_dir / "model" / "head.safetensors")
+    meta = json.loads((run_dir / "model" / "head.json").read_text())
+    assert head["weight"].shape == (len(meta["targets"]), base.module.cfg.image.feature_dim)
+    assert float(head["temperature"]) == pytest.approx(meta["temperature"]) and meta["temperature"] > 0
+    for name, schema in (("predictions", PREDICTIONS_SCHEMA), ("metrics", METRICS_SCHEMA), ("runs", RUNS_SCHEMA)):
+        table = pq.read_table(run_dir / "results" / name)
+        assert table.schema.names == schema.names and table.num_rows > 0
+    preds = pq.read_table(run_dir / "results" / "predictions").to_pylist()
+    assert {p["arm"] for p in preds} == {"finetuned"} and all(0 <= p["probability"] <= 1 for p in preds)
+    assert len(preds) == len(json.loads((run_dir / "splits.json").read_text())["test"])
