@@ -115,7 +115,7 @@ def plain_search(index, k: int) -> Callable[[np.ndarray], np.ndarray]:
 
 
 def ranker_search(index, k: int) -> Callable[[np.ndarray], np.ndarray]:
-    """cxr-embed's unfiltered ranking (``retrieval.Ranker``: exact numpy on the flat index buffer)."""
+    """cxr-embed's unfiltered ranking (``retrieval.Ranker``: exact numpy over the flat index's vectors)."""
     from cxr_embed.retrieval import Ranker
 
     ranker = Ranker(index)

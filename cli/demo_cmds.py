@@ -88,13 +88,13 @@ def demo(
         stdout.print(f"Executed {nb['executed']} ({nb['seconds']:.0f} s): {len(nb['figures'])} figure(s)", highlight=False)
     stdout.print(f"\nDone in {result.timings['total']:.0f} s: " + ", ".join(
         f"{k} {v:.0f} s" for k, v in result.timings.items() if k != "total"), highlight=False)
-    if result.tiny_model:
-        stderr.print(f"[bold yellow]Reminder:[/] {result.notices[0]}", highlight=False)
+    for notice in result.notices:
+        stderr.print(f"[bold yellow]Reminder:[/] {notice.removeprefix('NOTICE: ')}", highlight=False)
 
 
 def _log(message: str) -> None:
     if message.startswith("NOTICE"):
-        stderr.rule("[bold red]TINY TEST MODEL[/]")
+        stderr.rule("[bold red]TINY TEST MODEL[/]" if "TINY TEST MODEL" in message else "[bold red]SLOW[/]")
         stderr.print(f"[bold red]{message}[/]", highlight=False)
         stderr.rule(style="red")
     else:

@@ -82,8 +82,10 @@ def _report(result, as_json: bool) -> None:
             for t, m in result.test_metrics.items()]
     if rows:
         print_table(rows, title=f"Fine-tuned, test split ({result.n_images.get('test', 0)} images) — {result.run_id}")
+    auc = "n/a" if result.state.best_auc is None else f"{result.state.best_auc:.3f}"
+    temp = "n/a" if result.temperature is None else f"{result.temperature:.3g}"
     info(f"{result.status}: {result.state.global_step} steps, best epoch {result.state.best_epoch} "
-         f"(validation ROC-AUC {result.state.best_auc}), temperature {result.temperature}")
+         f"(validation ROC-AUC {auc}), temperature {temp}")
     if result.model_dir:
         info(f"Model: {result.model_dir}  (cxr-embed index SOURCE --store S --model-dir {result.model_dir})")
     if result.failures:

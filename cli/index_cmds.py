@@ -31,6 +31,16 @@ def index_cmd(
         typer.Option("--index", help="FAISS index: flat (exact), ivf, hnsw, ivfpq or auto (flat, IVF above 250k rows). Default: auto for a new store, else the store's current choice."),
     ] = None,
     engine: Annotated[str, typer.Option("--engine", help="local (DataLoader workers + one device) or ray (a cluster).")] = "local",
+    address: Annotated[
+        str | None,
+        typer.Option("--address", help="--engine ray: cluster address (auto, host:6379 or ray://host:10001). Default: $RAY_ADDRESS, else a new local Ray."),
+    ] = None,
+    gpus_per_worker: Annotated[
+        float | None, typer.Option("--gpus-per-worker", min=0, help="--engine ray: GPUs per model actor (default 1 when the cluster has GPUs).")
+    ] = None,
+    cpus_per_worker: Annotated[
+        float, typer.Option("--cpus-per-worker", min=0.01, help="--engine ray: CPUs per decode task / model actor.")
+    ] = 1.0,
     json_out: JsonOpt = False,
 ) -> None:
     """Embed a dataset into a store (Parquet shards + FAISS index); rerun to resume or add new images.
@@ -43,7 +53,8 @@ def index_cmd(
     from cxr_embed.job import IndexConfig, run_index
 
     config = IndexConfig(dataset=dataset, model_dir=model_dir, device=device, precision=precision, batch_size=batch_size,
-                         workers=workers, limit=limit, shard_size=shard_size, index=index, engine=engine)
+                         workers=workers, limit=limit, shard_size=shard_size, index=index, engine=engine,
+                         ray_address=address, gpus_per_worker=gpus_per_worker, cpus_per_worker=cpus_per_worker)
     summary = run_index(source, store, config, progress=not json_out)
     if json_out:
         emit_json(summary)

@@ -55,9 +55,8 @@ def search(
     if text is not None and exclude_same_patient:
         raise ConfigError("--exclude-same-patient needs an image query (--image or --id), not --text.")
 
-    from cxr_embed.store import Store
-
     from cxr_embed import retrieval
+    from cxr_embed.store import Store
 
     st = Store.open(store)
     if image_id is not None:

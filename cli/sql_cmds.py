@@ -36,7 +36,7 @@ def sql(
 ) -> None:
     """Query the store with DuckDB SQL (read-only).
 
-    Views: images (metadata), embeddings (metadata + embedding), predictions, metrics, runs,
+    Views: images (metadata), embeddings (row_id, image_id, embedding), predictions, metrics, runs,
     errors. Table macro neighbors(image_id, k := 10) ranks stored images by cosine similarity, e.g.
     SELECT n.*, i.view FROM neighbors('00000001_000.png', 5) n JOIN images i USING (row_id).
     Writes, ATTACH, COPY, extensions and SET are refused. Without a query: a prompt that reads
@@ -45,9 +45,8 @@ def sql(
     from cxr_embed.errors import ConfigError
 
     fmt = _resolve_format("json" if as_json else fmt, out)
-    from cxr_embed.store import Store
-
     from cxr_embed import sql as sqllib
+    from cxr_embed.store import Store
 
     st = Store.open(store)
     if query is not None:
@@ -124,7 +123,8 @@ def _interactive(store: Any, fmt: str) -> None:
     con = sqllib.connect_readonly(store)
     stderr.print(f"SQL over {store.path} (views: {', '.join(sqllib.VIEWS)}; neighbors(image_id, k)). End with ';', .quit to exit.")
     try:
-        for statement in sqllib.read_statements(input):
+        prompt = sys.stdin.isatty()  # piped input gets no prompts mixed into the results
+        for statement in sqllib.read_statements(lambda text: input(text if prompt else "")):
             try:
                 _write(sqllib.run_query(store, statement, con=con), fmt, None)
             except CxrEmbedError as exc:

@@ -43,7 +43,19 @@ TINY_MODEL_NOTICE = (
     "`cxr-embed model pull` (or set $CXR_EMBED_MODEL_DIR) and run the demo again."
 )
 
+FULL_MODEL_ON_CPU_NOTICE = (
+    "NOTICE: the official MedImageInsight weights run on the CPU here (no CUDA GPU): embedding alone costs "
+    "about 5 s per image, so {n} images take about {minutes} min and fine-tuning far longer. For a quick look "
+    "use --n 48 --skip-finetune."
+)
+
 Log = Callable[[str], None]
+
+
+def _has_gpu() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 @dataclass
@@ -151,11 +163,14 @@ def run_demo(config: DemoConfig, log: Log | None = None) -> DemoResult:
     start = time.perf_counter()
 
     model_dir, tiny = choose_model(config.model_dir)
-    if tiny:
-        notices.append(TINY_MODEL_NOTICE)
-        say(TINY_MODEL_NOTICE)
     out = prepare_out(Path(config.out), config.force)
     data, store_dir, ft_dir = out / "data", out / "store", out / "finetune"
+    if tiny:
+        notices.append(TINY_MODEL_NOTICE)
+    elif not _has_gpu():
+        notices.append(FULL_MODEL_ON_CPU_NOTICE.format(n=config.n, minutes=round(config.n * 5 / 60)))
+    for notice in notices:
+        say(notice)
 
     say(f"[1/6] Synthesising {config.n} chest X-rays ({config.image_size} px) in {data}")
     t0 = time.perf_counter()

@@ -296,7 +296,6 @@ def cross_validate(
     with progress_bar(len(folds) * len(model_names), f"classify {target}", enabled=progress) as bar:
         for name in model_names:
             start = time.perf_counter()
-            test_idx = np.concatenate([f.test for f in folds])
             prob = np.empty(len(y))
             fold_of = np.empty(len(y), dtype=np.int64)
             per_fold, thresholds = [], []
@@ -311,7 +310,7 @@ def cross_validate(
                     metrics.evaluate_binary(y[f.test], p, fitted.heldout_y, fitted.heldout_prob, n_boot=fold_n_boot, seed=seed)
                 )
                 bar.advance()
-            test_idx = np.sort(test_idx)
+            test_idx = np.sort(np.concatenate([f.test for f in folds]))
             fold_local = np.searchsorted([f.index for f in folds], fold_of[test_idx])
             pooled = pooled_metrics(y[test_idx], prob[test_idx], fold_local, thresholds, n_boot, seed)
             results.append(
@@ -409,6 +408,25 @@ def metrics_table(run_id: str, arm: str, classifier: str, target: str, fold: int
         },
         schema=RESULT_SCHEMAS["metrics"],
     )
+
+
+def result_metrics_tables(run_id: str, arm: str, result: ModelResult, fold_indices: Sequence[int]) -> list[pa.Table]:
+    """``metrics`` rows of one :class:`ModelResult`: every fold, then pooled (fold -1)."""
+    tables = [metrics_table(run_id, arm, result.classifier, result.target, i, m)
+              for i, m in zip(fold_indices, result.per_fold, strict=True)]
+    return [*tables, metrics_table(run_id, arm, result.classifier, result.target, -1, result.pooled)]
+
+
+SUBGROUP_METRICS = ("n", "prevalence", "roc_auc", "brier", "sensitivity@sens90", "specificity@sens90")
+
+
+def subgroup_metrics_tables(run_id: str, arm: str, subgroups: Sequence[dict[str, Any]]) -> list[pa.Table]:
+    """:func:`subgroup_table` rows as pooled ``metrics`` rows named ``subgroup:<attribute>=<group>:<metric>``."""
+    return [
+        metrics_table(run_id, arm, s["classifier"], s["target"], -1,
+                      [(f"subgroup:{s['attribute']}={s['group']}:{k}", float(s[k]), None, None) for k in SUBGROUP_METRICS if k in s])
+        for s in subgroups
+    ]
 
 
 def write_results(store, run_id: str, kind: str, params: dict, timings: dict,
@@ -542,9 +560,7 @@ def classify_store(store, config: ClassifyConfig) -> ClassifyRun:
             timings[f"{target}/{r.classifier}"] = r.seconds
             preds.append(predictions_table(run_id, "frozen", r.classifier, target, r.fold,
                                            row_ids[r.rows].astype(np.int64), cols["image_id"][r.rows], r.prob, r.labels))
-            for f, m in zip(folds, r.per_fold, strict=True):
-                mets.append(metrics_table(run_id, "frozen", r.classifier, target, f.index, m))
-            mets.append(metrics_table(run_id, "frozen", r.classifier, target, -1, r.pooled))
+            mets.extend(result_metrics_tables(run_id, "frozen", r, [f.index for f in folds]))
         if config.refit:
             t0 = time.perf_counter()
             for name in models:
@@ -555,10 +571,7 @@ def classify_store(store, config: ClassifyConfig) -> ClassifyRun:
     if not results:
         raise EvaluationError(f"No target could be evaluated: {'; '.join(skipped.values())}.")
     subgroups = subgroup_table(results, {k: cols[k] for k in ("sex", "age", "view") if cols[k] is not None})
-    for s in subgroups:
-        rows = [(f"subgroup:{s['attribute']}={s['group']}:{k}", float(s[k]), None, None)
-                for k in ("n", "prevalence", "roc_auc", "brier", "sensitivity@sens90", "specificity@sens90") if k in s]
-        mets.append(metrics_table(run_id, "frozen", s["classifier"], s["target"], -1, rows))
+    mets.extend(subgroup_metrics_tables(run_id, "frozen", subgroups))
     plot_files: list[str] = []
     if config.plots:
         from cxr_embed import plots

@@ -144,6 +144,7 @@ class TrainState:
     best_epoch: int | None = None
     epochs_since_best: int = 0
     done: bool = False
+    epoch_losses: list[float] = field(default_factory=list)   # this epoch's step losses so far (survive a resume)
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -290,12 +291,20 @@ def step_generator(seed: int, global_step: int, micro: int) -> torch.Generator:
 
 
 class FineTuneNet(nn.Module):
-    """``encoder.forward_features`` → linear head; parameter names ``encoder.*`` and ``head.*``."""
+    """``encoder.forward_features`` → linear head; parameter names ``encoder.*`` and ``head.*``.
 
-    def __init__(self, encoder: nn.Module, feature_dim: int, n_targets: int):
+    The head starts at zero weights and the prior log-odds as bias: every image starts at the base
+    rate, and no random head sends random gradients into the pretrained tower in the first steps.
+    """
+
+    def __init__(self, encoder: nn.Module, feature_dim: int, n_targets: int, prior: np.ndarray | None = None):
         super().__init__()
         self.encoder = encoder
         self.head = nn.Linear(feature_dim, n_targets)
+        nn.init.zeros_(self.head.weight)
+        p = np.clip(np.asarray(prior if prior is not None else [0.5] * n_targets, dtype=np.float64), 1e-3, 1 - 1e-3)
+        with torch.no_grad():
+            self.head.bias.copy_(torch.from_numpy(np.log(p / (1 - p))).float())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.encoder.forward_features(x))
@@ -646,28 +655,6 @@ def mean_auc(y: np.ndarray, scores: np.ndarray) -> float:
     return float(np.mean(aucs)) if aucs else float("nan")
 
 
-def fit_temperature(logits: np.ndarray, y: np.ndarray) -> float:
-    """One temperature T > 0 minimising the validation log-loss of sigmoid(logit / T).
-
-    Temperature scaling keeps the ranking (ROC-AUC unchanged) and fixes the over-confidence that
-    fine-tuning typically produces, which matters because triage thresholds act on probabilities.
-    """
-    from scipy.optimize import minimize_scalar
-
-    z, t = logits.ravel(), y.ravel()
-    keep = ~np.isnan(t)
-    z, t = z[keep], t[keep]
-    if z.size == 0 or t.min() == t.max():
-        return 1.0
-
-    def nll(log_temp: float) -> float:
-        s = z / math.exp(log_temp)
-        return float(np.mean(np.logaddexp(0.0, s) - t * s))
-
-    res = minimize_scalar(nll, bounds=(-4.0, 4.0), method="bounded")
-    return float(math.exp(res.x))
-
-
 # --------------------------------------------------------------------------------------- the job
 
 
@@ -777,7 +764,8 @@ def _setup(config: FineTuneConfig, resume: bool) -> _Run:
     encoder = base.module.image_encoder
     encoder.set_grad_checkpointing(config.grad_checkpointing)
     freeze_stages(encoder, config.freeze_stages)
-    net = FineTuneNet(encoder, encoder.num_features, len(target_names(config.label))).to(device)
+    prior = targets[splits["train"]].mean(axis=0)
+    net = FineTuneNet(encoder, encoder.num_features, len(target_names(config.label)), prior).to(device)
     net.train()
     groups = param_groups(list(net.named_parameters()), config.weight_decay)
     optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=config.lr, betas=(0.9, 0.999), eps=1e-8)
@@ -845,7 +833,6 @@ def _train(run: _Run, state: TrainState, *, progress: bool, on_step: Callable[[S
             loader = iter(_loader(run.dataset, [m for step in plan for m in step], cfg.workers,
                                   cfg.seed * 7919 + state.epoch * 131 + state.step_in_epoch,
                                   run.device.type == "cuda"))
-            losses: list[float] = []
             for micro_batches, b in zip(plan, steps, strict=True):
                 if cfg.max_steps is not None and state.global_step >= cfg.max_steps:
                     save_checkpoint(run.out, net=run.net, optimizer=run.optimizer, scaler=run.scaler,
@@ -858,7 +845,7 @@ def _train(run: _Run, state: TrainState, *, progress: bool, on_step: Callable[[S
                 state.global_step += 1
                 state.step_in_epoch += 1
                 if loss is not None:
-                    losses.append(loss)
+                    state.epoch_losses.append(loss)
                 rate = len(b) / max(time.perf_counter() - t0, 1e-9)
                 bar.advance(len(b))
                 bar.note(f"epoch {state.epoch + 1}/{cfg.epochs} loss {loss if loss is not None else float('nan'):.4f}"
@@ -870,7 +857,7 @@ def _train(run: _Run, state: TrainState, *, progress: bool, on_step: Callable[[S
                     save_checkpoint(run.out, net=run.net, optimizer=run.optimizer, scaler=run.scaler,
                                     ema=run.ema, state=state)
                     return "interrupted"
-            _end_epoch(run, state, losses)
+            _end_epoch(run, state)
             if state.epochs_since_best >= cfg.patience:
                 state.done = True
             save_checkpoint(run.out, net=run.net, optimizer=run.optimizer, scaler=run.scaler, ema=run.ema,
@@ -932,7 +919,7 @@ def _predict(run: _Run, split: str) -> tuple[np.ndarray, np.ndarray]:
     return idx, logits
 
 
-def _end_epoch(run: _Run, state: TrainState, losses: list[float]) -> None:
+def _end_epoch(run: _Run, state: TrainState) -> None:
     """Validate, keep the best weights (by mean validation ROC-AUC), advance the epoch counter."""
     from safetensors.torch import save_file
 
@@ -945,6 +932,7 @@ def _end_epoch(run: _Run, state: TrainState, losses: list[float]) -> None:
             best.mkdir(exist_ok=True)
             save_file(_cpu_state(run.net), best / "model.safetensors.tmp")
             os.replace(best / "model.safetensors.tmp", best / "model.safetensors")
+    losses = state.epoch_losses
     state.history.append({"epoch": state.epoch + 1, "train_loss": float(np.mean(losses)) if losses else None,
                           "val_roc_auc": None if math.isnan(auc) else auc, "global_step": state.global_step})
     if improved:
@@ -954,6 +942,7 @@ def _end_epoch(run: _Run, state: TrainState, losses: list[float]) -> None:
         state.epochs_since_best += 1
     state.epoch += 1
     state.step_in_epoch = 0
+    state.epoch_losses = []
 
 
 # --------------------------------------------------------------------------------------- evaluation and export
@@ -1030,7 +1019,8 @@ def _finish(run: _Run, state: TrainState, status: str) -> FineTuneResult:
     plot_files = plots.plot_run(run.out / "plots" / run.run_id, results) if results else []
     model_dir = export_model(run, temperature, state)
     run.timings["finish_s"] = time.perf_counter() - started
-    params = {**dataclasses.asdict(run.config), "status": status, "best_epoch": state.best_epoch,
+    params = {**dataclasses.asdict(run.config), "status": status, "started_at": run.created_at,
+              "best_epoch": state.best_epoch,
               "best_val_roc_auc": state.best_auc, "global_step": state.global_step, "temperature": temperature,
               "n_images": _sizes(run), "base_model_id": run.base.model_id,
               "base_checkpoint_sha256": run.base.checkpoint_sha256, "model_dir": str(model_dir),
@@ -1090,7 +1080,9 @@ def export_model(run: _Run, temperature: float, state: TrainState) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     (tmp / CHECKPOINT_RELPATH).parent.mkdir(parents=True)
     shutil.copytree(base_dir / TOKENIZER_RELPATH, tmp / TOKENIZER_RELPATH)
-    name = f"{run.base.config.name} finetuned {run.run_id}"
+    # model_id is the NAME's slug up to any "(remark)": the suffix goes before it so the id changes.
+    stem, paren, remark = run.base.config.name.partition("(")
+    name = f"{stem.strip()} finetuned {run.run_id}" + (f" {paren}{remark}" if paren else "")
     text = (base_dir / CONFIG_NAME).read_text(encoding="utf-8")
     text, n = re.subn(r"(?m)^NAME:.*$", lambda _: "NAME: " + json.dumps(name), text, count=1)
     if n == 0:

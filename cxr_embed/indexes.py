@@ -35,6 +35,10 @@ from cxr_embed.errors import ConfigError, StoreError
 INDEX_KINDS: tuple[str, ...] = ("flat", "ivf", "hnsw", "ivfpq", "auto")
 AUTO_FLAT_MAX_ROWS = 250_000
 """Above this many rows ``auto`` picks IVF: exact search costs O(N·D) per query (≈1 GFLOP at 250k×1024)."""
+# Graph quality caps HNSW recall: at 1.12M clustered vectors efConstruction 80 plateaued at
+# recall@10 0.966 whatever efSearch (benchmarks/search_latency.py), so build a denser graph.
+HNSW_EF_CONSTRUCTION = 200
+HNSW_EF_SEARCH = 128
 _TRAIN_POINTS_PER_LIST = 39  # FAISS warns below 39 training points per centroid
 _REBUILD_GROWTH = 4.0  # retrain IVF centroids once the store is 4x what they were trained on
 HNSW_M = 32
@@ -96,9 +100,9 @@ def _inner_index(kind: str, dim: int, n: int) -> tuple[faiss.Index, dict[str, An
         return faiss.IndexFlatIP(dim), {}
     if kind == "hnsw":
         index = faiss.IndexHNSWFlat(dim, HNSW_M, ip)
-        index.hnsw.efConstruction = 80
-        index.hnsw.efSearch = 64
-        return index, {"M": HNSW_M, "efConstruction": 80, "efSearch": 64}
+        index.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
+        index.hnsw.efSearch = HNSW_EF_SEARCH
+        return index, {"M": HNSW_M, "efConstruction": HNSW_EF_CONSTRUCTION, "efSearch": HNSW_EF_SEARCH}
     nlist = _nlist(n)
     quantizer = faiss.IndexFlatIP(dim)
     if kind == "ivf":

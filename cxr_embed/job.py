@@ -36,7 +36,7 @@ from cxr_embed.errors import ConfigError, CxrEmbedError, DependencyError
 from cxr_embed.indexes import resolve_kind
 from cxr_embed.progress import progress_bar
 from cxr_embed.records import ImageRecord, ReadFailure, read_dataset
-from cxr_embed.store import StoreWriter
+from cxr_embed.store import Store, StoreWriter
 
 if TYPE_CHECKING:
     import torch
@@ -62,6 +62,9 @@ class IndexConfig:
     index: str | None = None  # flat|ivf|hnsw|ivfpq|auto; None keeps the store's choice (auto when new)
     engine: str = "local"
     prefetch: int = 4  # batches queued per worker
+    ray_address: str | None = None  # --engine ray: None = $RAY_ADDRESS, else a new local instance
+    gpus_per_worker: float | None = None  # --engine ray: GPUs per model actor (None: 1 when GPUs exist)
+    cpus_per_worker: float = 1.0  # --engine ray: CPUs per decode task / actor
 
     def check(self) -> None:
         """Refuse impossible values before any work (ConfigError naming the flag)."""
@@ -76,6 +79,9 @@ class IndexConfig:
             raise ConfigError(f"Unknown engine {self.engine!r}; use one of {', '.join(ENGINES)}.")
         if self.index is not None:
             resolve_kind(self.index, 0)
+        ray_only = self.ray_address is not None or self.gpus_per_worker is not None or self.cpus_per_worker != 1.0
+        if ray_only and self.engine != "ray":
+            raise ConfigError("--address, --gpus-per-worker and --cpus-per-worker only apply with --engine ray.")
 
 
 @dataclass
@@ -114,7 +120,7 @@ def default_workers(device_type: str) -> int:
 
 
 @dataclass(frozen=True)
-class _Failed:
+class FailedItem:
     """What a worker returns instead of pixels: picklable, so it crosses the process boundary."""
 
     stage: str
@@ -122,7 +128,7 @@ class _Failed:
 
 
 class DecodeDataset:
-    """``records[i]`` → (i, preprocessed (3,H,W) tensor) or (i, :class:`_Failed`). Never raises."""
+    """``records[i]`` → (i, preprocessed (3,H,W) tensor) or (i, :class:`FailedItem`). Never raises."""
 
     def __init__(self, records: list[ImageRecord], preprocessor: Preprocessor):
         self.records = records
@@ -138,11 +144,11 @@ class DecodeDataset:
         try:
             img = read_image(path)
         except Exception as exc:  # decoder boundary: whatever a bad file raises, it is that file's failure
-            return i, _Failed("decode", _reason(exc))
+            return i, FailedItem("decode", _reason(exc))
         try:
             return i, self.preprocessor(img)
         except Exception as exc:  # same boundary for odd pixel data that decodes but cannot be resized
-            return i, _Failed("preprocess", _reason(exc))
+            return i, FailedItem("preprocess", _reason(exc))
 
 
 def _reason(exc: Exception) -> str:
@@ -153,11 +159,11 @@ def collate(items: list[tuple[int, Any]]) -> dict[str, Any]:
     """Stack the good items; keep failures aside (a dict, so ``pin_memory`` pins just the tensor)."""
     import torch
 
-    good = [(i, t) for i, t in items if not isinstance(t, _Failed)]
+    good = [(i, t) for i, t in items if not isinstance(t, FailedItem)]
     return {
         "indices": [i for i, _ in good],
         "pixels": torch.stack([t for _, t in good]) if good else None,
-        "failed": [(i, t.stage, t.reason) for i, t in items if isinstance(t, _Failed)],
+        "failed": [(i, t.stage, t.reason) for i, t in items if isinstance(t, FailedItem)],
     }
 
 
@@ -169,7 +175,7 @@ def _worker_init(_: int) -> None:
 
 def make_loader(records: list[ImageRecord], preprocessor: Preprocessor, *, batch_size: int, workers: int,
                 pin_memory: bool, prefetch: int) -> torch.utils.data.DataLoader:
-    """The ordered, parallel decode + preprocess stage (also used by the throughput benchmark)."""
+    """The ordered, parallel decode + preprocess stage, yielding :func:`collate` dicts."""
     from torch.utils.data import DataLoader
 
     return DataLoader(
@@ -220,7 +226,7 @@ def run_index(source: str | Path, store_dir: str | Path, config: IndexConfig | N
         loader = make_loader(todo, model.preprocessor, batch_size=config.batch_size, workers=workers,
                              pin_memory=model.device.type == "cuda", prefetch=config.prefetch)
         embed_start = time.perf_counter()
-        batcher = _ShardBuffer(writer, config.shard_size)
+        batcher = ShardBuffer(writer, config.shard_size)
         with progress_bar(len(todo), "Embedding", progress) as bar, torch.inference_mode():
             for batch in loader:
                 failed = [ReadFailure(todo[i].image_id, todo[i].path, stage, reason) for i, stage, reason in batch["failed"]]
@@ -237,14 +243,23 @@ def run_index(source: str | Path, store_dir: str | Path, config: IndexConfig | N
             batcher.flush()
         embed_seconds = time.perf_counter() - embed_start
         store = writer.finalize()
+    return summarize(store, source, model.model_id, str(model.device), model.precision, listed=len(records),
+                     pending=len(todo), writer=writer, failures=failures, start=start, embed_seconds=embed_seconds,
+                     engine="local")
+
+
+def summarize(store: Store, source: str | Path, model_id: str, device: str, precision: str, *, listed: int,
+              pending: int, writer: StoreWriter, failures: list[ReadFailure], start: float, embed_seconds: float,
+              engine: str, notes: list[str] | None = None) -> IndexSummary:
+    """The final summary of one run, shared by the local and the Ray engine so both report alike."""
     return IndexSummary(
         store=str(store.path),
         source=str(source),
-        model_id=model.model_id,
-        device=str(model.device),
-        precision=model.precision,
-        listed=len(records),
-        already_stored=len(records) - len(todo),
+        model_id=model_id,
+        device=device,
+        precision=precision,
+        listed=listed,
+        already_stored=listed - pending,
         embedded=writer.rows_added,
         failed=len(failures),
         failures_by_stage=dict(Counter(f.stage for f in failures)),
@@ -254,11 +269,12 @@ def run_index(source: str | Path, store_dir: str | Path, config: IndexConfig | N
         seconds=round(time.perf_counter() - start, 3),
         embed_seconds=round(embed_seconds, 3),
         images_per_s=round(writer.rows_added / embed_seconds, 2) if writer.rows_added and embed_seconds > 0 else 0.0,
-        engine="local",
+        engine=engine,
+        notes=notes or [],
     )
 
 
-class _ShardBuffer:
+class ShardBuffer:
     """Accumulate (records, embeddings) and commit exactly ``shard_size`` rows per shard."""
 
     def __init__(self, writer: StoreWriter, shard_size: int):
@@ -289,4 +305,5 @@ def _run_ray(source: str | Path, store_dir: str | Path, config: IndexConfig, pro
         )
     from cxr_embed.ray_engine import run_index_ray
 
-    return run_index_ray(source, store_dir, config, progress=progress)
+    return run_index_ray(source, store_dir, config, address=config.ray_address, gpus_per_worker=config.gpus_per_worker,
+                         cpus_per_worker=config.cpus_per_worker, progress=progress)

@@ -28,9 +28,9 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 import socket
 import time
-from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,8 +39,9 @@ from urllib.parse import urlparse
 
 import numpy as np
 
+from cxr_embed import errors
 from cxr_embed.errors import ConfigError, CxrEmbedError, DependencyError, StoreMismatchError
-from cxr_embed.job import DecodeDataset, IndexConfig, IndexSummary, _Failed, _ShardBuffer
+from cxr_embed.job import DecodeDataset, FailedItem, IndexConfig, IndexSummary, ShardBuffer, summarize
 from cxr_embed.progress import progress_bar
 from cxr_embed.records import ImageRecord, ReadFailure, read_dataset
 from cxr_embed.store import StoreWriter
@@ -125,7 +126,7 @@ def decode_batch(batch: dict[str, np.ndarray], preprocessor: Preprocessor) -> di
     stage, reason = np.full(n, "", dtype=object), np.full(n, "", dtype=object)
     for k in range(n):
         _, item = data[k]
-        if isinstance(item, _Failed):
+        if isinstance(item, FailedItem):
             stage[k], reason[k] = item.stage, item.reason
         else:
             pixels[k] = item.numpy()
@@ -231,19 +232,22 @@ def _import_ray() -> Any:
 def _connect(ray: Any, address: str | None) -> bool:
     """Join ``address`` (or start a local instance); True when this call started Ray (so it shuts it down).
 
-    ``address=None`` honours ``$RAY_ADDRESS`` as ``ray.init`` does, else starts a local instance.
+    ``address=None`` takes ``$RAY_ADDRESS``, else starts a fresh local instance ("local"): unlike a bare
+    ``ray.init()`` it never joins whatever cluster happens to run on this machine (pass "auto" for that).
     Usage statistics are off unless the user opted in: radiology sites often forbid any phone-home.
     """
     if ray.is_initialized():
         return False
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    local = {"include_dashboard": False} if address is None and not os.environ.get("RAY_ADDRESS") else {}
+    target = address or os.environ.get("RAY_ADDRESS") or "local"
+    local = {"include_dashboard": False} if target == "local" else {}
     try:
-        ray.init(address=address, logging_level=logging.WARNING, **local)
+        ray.init(address=target, logging_level=logging.WARNING, **local)
     except (ConnectionError, ValueError, RuntimeError) as exc:
         raise ConfigError(
-            f"Cannot connect to Ray at {address or os.environ.get('RAY_ADDRESS')!r} ({exc}). Start a cluster with "
-            "`ray start --head` and pass --address auto (same machine), HOST:6379 or ray://HOST:10001."
+            f"Cannot connect to Ray at {target!r} ({exc}). Start a cluster with "
+            "`ray start --head` and give its address: auto (this machine), HOST:6379 or ray://HOST:10001. A cluster "
+            "with token authentication (the default of `ray start`) also needs RAY_AUTH_MODE=token here."
         ) from exc
     return True
 
@@ -262,7 +266,7 @@ def _pipeline(ray: Any, todo: list[ImageRecord], model: MedImageInsight, plan: P
         compute=ray.data.ActorPoolStrategy(size=plan.actors),
         num_gpus=plan.gpus_per_worker or None,
         num_cpus=plan.cpus_per_worker,
-        fn_constructor_kwargs={"model_dir": str(model_dir), "device": plan.device, "precision": config.precision,
+        fn_constructor_kwargs={"model_dir": str(model_dir.resolve()), "device": plan.device, "precision": config.precision,
                                "identity": _identity(model)},
     )
     ds.context.execution_options.preserve_order = True
@@ -275,7 +279,7 @@ def _results(ray: Any, ds: Any, prefetch: int) -> Iterator[dict[str, np.ndarray]
     try:
         yield from ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=prefetch)
     except ray.exceptions.RayError as exc:
-        cause = _cxr_cause(exc)
+        cause = remote_error(exc)
         if cause is not None:
             raise cause from None
         raise CxrEmbedError(
@@ -284,19 +288,28 @@ def _results(ray: Any, ds: Any, prefetch: int) -> Iterator[dict[str, np.ndarray]
         ) from exc
 
 
-def _cxr_cause(exc: BaseException) -> CxrEmbedError | None:
-    """The CxrEmbedError a Ray worker raised (Ray wraps it in RayTaskError / UserCodeException)."""
-    seen: set[int] = set()
-    todo: list[BaseException | None] = [exc]
-    while todo:
-        e = todo.pop()
-        if e is None or id(e) in seen:
-            continue
-        seen.add(id(e))
-        if isinstance(e, CxrEmbedError):
-            return e
-        todo += [getattr(e, "cause", None), e.__cause__, e.__context__]
-    return None
+_REMOTE_ERROR = re.compile(r"cxr_embed\.errors\.(\w+): (.+)")
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def remote_error(exc: BaseException) -> CxrEmbedError | None:
+    """The CxrEmbedError a Ray worker raised, rebuilt from the traceback text Ray forwards.
+
+    Ray Data does not forward the exception object of a failed actor constructor (ActorDiedError) or
+    UDF (UserCodeException): only the remote traceback survives, as text. Its last
+    ``cxr_embed.errors.<Class>: <message>`` line is the user-facing error (e.g. a node without the
+    model folder: ModelNotFoundError), so it is re-raised as that class instead of a Ray traceback.
+    """
+    text, seen = [], exc
+    while seen is not None and len(text) < 8:
+        text.append(_ANSI.sub("", str(seen)))
+        seen = seen.__cause__ or getattr(seen, "cause", None)
+    found = _REMOTE_ERROR.findall("\n".join(text))
+    if not found:
+        return None
+    name, message = found[-1]
+    cls = getattr(errors, name, None)
+    return cls(message.strip()) if isinstance(cls, type) and issubclass(cls, CxrEmbedError) else None
 
 
 def run_index_ray(source: str | Path, store_dir: str | Path, config: IndexConfig | None = None, *,
@@ -305,7 +318,8 @@ def run_index_ray(source: str | Path, store_dir: str | Path, config: IndexConfig
     """Embed every image under ``source`` that ``store_dir`` lacks on a Ray cluster, then (re)index.
 
     Same inputs, store and resume semantics as :func:`cxr_embed.job.run_index`; ``address`` is
-    ``None`` (``$RAY_ADDRESS`` or a local instance), ``"auto"`` or ``"ray://host:10001"``. The driver
+    ``None`` (``$RAY_ADDRESS``, else a new local instance), ``"auto"`` (the cluster running on this
+    machine), ``"host:6379"`` or ``"ray://host:10001"``; a Ray already initialised in this process is reused. The driver
     reads the listing and the model identity, so it needs the source listing and the model folder;
     every worker needs the image files and the model folder at the same paths. ``config.workers``
     caps concurrent decode tasks (default: Ray decides); ``config.prefetch`` is the number of result
@@ -332,45 +346,30 @@ def run_index_ray(source: str | Path, store_dir: str | Path, config: IndexConfig
                      index_kind=config.index) as writer:
         todo = writer.pending(records)
         writer.record_failures(read_failures)
-        embed_start = time.perf_counter()
+        embed_seconds = 0.0
         if todo:
             started = _connect(ray, address)
             try:
                 plan = plan_pool(ray.cluster_resources(), config.device, gpus_per_worker, cpus_per_worker)
                 check_precision(config.precision, torch.device(plan.device))  # here, not in every actor
+                embed_start = time.perf_counter()  # actor start-up counts, joining the cluster does not
                 failures += _embed(ray, _pipeline(ray, todo, model, plan, model.model_dir, config), todo, writer, config, progress)
+                embed_seconds = time.perf_counter() - embed_start
             finally:
                 if started:
                     ray.shutdown()
-        embed_seconds = time.perf_counter() - embed_start
         store = writer.finalize()
-    return IndexSummary(
-        store=str(store.path),
-        source=str(source),
-        model_id=model.model_id,
-        device=plan.device if plan else "none",
-        precision=config.precision,
-        listed=len(records),
-        already_stored=len(records) - len(todo),
-        embedded=writer.rows_added,
-        failed=len(failures),
-        failures_by_stage=dict(Counter(f.stage for f in failures)),
-        rows=len(store),
-        errors_in_store=store.errors().num_rows,
-        index_kind=store.index_kind,
-        seconds=round(time.perf_counter() - start, 3),
-        embed_seconds=round(embed_seconds, 3),
-        images_per_s=round(writer.rows_added / embed_seconds, 2) if writer.rows_added and embed_seconds > 0 else 0.0,
-        engine="ray",
-        notes=[f"ray: {plan.describe()}"] if plan else ["ray: nothing to embed, Ray not started"],
-    )
+    return summarize(store, source, model.model_id, plan.device if plan else "none", config.precision,
+                     listed=len(records), pending=len(todo), writer=writer, failures=failures, start=start,
+                     embed_seconds=embed_seconds, engine="ray",
+                     notes=[f"ray: {plan.describe()}"] if plan else ["ray: nothing to embed, Ray not started"])
 
 
 def _embed(ray: Any, ds: Any, todo: list[ImageRecord], writer: StoreWriter, config: IndexConfig,
            progress: bool) -> list[ReadFailure]:
     """Commit the pipeline's batches through ``writer`` in input order; returns this run's failures."""
     failures: list[ReadFailure] = []
-    shards = _ShardBuffer(writer, config.shard_size)
+    shards = ShardBuffer(writer, config.shard_size)
     with progress_bar(len(todo), "Embedding (Ray)", progress) as bar:
         for batch in _results(ray, ds, config.prefetch):
             ok = batch["stage"] == ""

@@ -7,9 +7,9 @@ query, the excluded patient. :class:`Ranker` applies it by selectivity:
 
 * at most ``EXACT_SUBSET_MAX_FRACTION`` (5%) of the rows allowed: exact inner products on just those
   rows (``strategy="exact-subset"``), cheaper than a full scan and never under-filled;
-* flat index (the default kind): exact numpy search over FAISS's own vector buffer, disallowed rows
+* flat index (the default kind): exact numpy search over the index's vectors, disallowed rows
   scored -inf (``"exact"``). One BLAS matrix-vector product per query is the memory-bandwidth floor;
-  FAISS's single-query loop measured about 2x slower (``benchmarks/search_latency.py``);
+  FAISS's single-query loop measured 2-3x slower (``benchmarks/search_latency.py``);
 * approximate index (HNSW, IVF): plain FAISS search without a mask (``"index"``); with one, an
   ``IDSelectorBitmap`` passed through ``SearchParameters`` (``"index+selector"``): a bitmap because
   row_ids are dense 0..N-1, so membership is one bit test. Graphs and IVF lists can still under-fill
@@ -24,9 +24,10 @@ than barely-similar cases; ``vote="plain"`` is the fraction of abnormal neighbou
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
@@ -44,6 +45,8 @@ if TYPE_CHECKING:
     from cxr_embed.store import Store
 
 EXACT_SUBSET_MAX_FRACTION = 0.05
+FLAT_COPY_MAX_BYTES = 2 * 2**30
+"""Flat indexes up to this size are searched from a huge-page-backed copy (see :class:`Ranker`)."""
 Vote = Literal["weighted", "plain"]
 _META_COLUMNS = ("row_id", "image_id", "path", "patient_id", "label", "split", "sex", "age", "view", *FINDINGS)
 
@@ -76,10 +79,10 @@ class SearchResult:
 
     neighbors: list[Neighbor]
     probability_abnormal: float | None  # None when no neighbour has a label
-    strategy: str  # "index" | "index+selector" | "exact-subset"
+    strategy: str  # "exact" | "exact-subset" | "index" | "index+selector" (module docstring)
     candidates: int  # rows that passed the filters for this query
     query: str = ""
-    excluded_patient: str | None = field(default=None)
+    excluded_patient: str | None = None
 
     def __iter__(self) -> Iterator[Neighbor]:
         return iter(self.neighbors)
@@ -164,7 +167,7 @@ def search(
     if len(excluded) != n_queries:
         raise ConfigError(f"exclude_patients needs one entry per query ({n_queries}), got {len(excluded)}.")
 
-    ranker = Ranker(store.index())
+    ranker = ranker_for(store)
     con = connect_readonly(store)
     try:
         base = _where_mask(con, n, where)
@@ -224,9 +227,11 @@ class Ranker:
     """Top-k row_ids over one store index (an ``IndexIDMap2`` whose ids are its positions, as
     ``Store.open`` guarantees), applying the selectivity rule of the module docstring.
 
-    A flat index is searched exactly with numpy on FAISS's own vector buffer (zero copy): one BLAS
-    matrix-vector product per query, the memory-bandwidth floor, where FAISS's per-query loop was
-    measured ~2x slower. Approximate indexes go through FAISS.
+    A flat index is searched exactly with numpy over its vectors: one BLAS matrix-vector product per
+    query, the memory-bandwidth floor, where FAISS's per-query loop measured 2-3x slower. Up to
+    ``FLAT_COPY_MAX_BYTES`` the vectors are copied once into a numpy array (huge pages); larger
+    indexes are read in place (zero copy) rather than doubling memory. Approximate indexes go
+    through FAISS.
     """
 
     def __init__(self, index: faiss.Index):
@@ -237,6 +242,10 @@ class Ranker:
         self._inner = faiss.downcast_index(index.index) if hasattr(index, "index") else index
         self._buffer = _flat_buffer(self._inner, self.n)
         self.exact = isinstance(self._inner, faiss.IndexFlat) and self._inner.metric_type == faiss.METRIC_INNER_PRODUCT
+        if self.exact and self._buffer.nbytes <= FLAT_COPY_MAX_BYTES:
+            # numpy backs large arrays with transparent huge pages, FAISS's vector does not: the same
+            # matrix-vector product ran ~15% faster on the copy (28 vs 32 ms at 112k x 1024)
+            self._buffer = np.array(self._buffer)
 
     def rank(self, vectors: np.ndarray, mask: np.ndarray | None, k: int) -> list[Ranked]:
         """(row_ids, similarities, strategy) per query, best first, ``min(k, allowed rows)`` each."""
@@ -261,7 +270,8 @@ class Ranker:
         return out
 
     def _vectors_of(self, rows: np.ndarray) -> np.ndarray:
-        """Stored (normalised) vectors of ``rows``: from the flat buffer, else reconstructed by id."""
+        """Stored (normalised) vectors of ``rows``: from the flat buffer, else reconstructed by id
+        (exact for IVF-Flat; an ``ivfpq`` index only holds PQ approximations)."""
         if self._buffer is not None:
             return self._buffer[rows]
         from cxr_embed.indexes import reconstruct_rows
@@ -305,6 +315,16 @@ class Ranker:
     def _valid(ids: np.ndarray, sims: np.ndarray, strategy: str) -> Ranked:
         keep = ids >= 0  # FAISS pads missing results with -1
         return ids[keep].astype(np.int64), sims[keep], strategy
+
+
+_RANKERS: weakref.WeakKeyDictionary[Store, Ranker] = weakref.WeakKeyDictionary()
+
+
+def ranker_for(store: Store) -> Ranker:
+    """One :class:`Ranker` per open store, so repeated searches reuse its vector copy."""
+    if store not in _RANKERS:
+        _RANKERS[store] = Ranker(store.index())
+    return _RANKERS[store]
 
 
 def _flat_buffer(inner: faiss.Index, n: int) -> np.ndarray | None:

@@ -372,11 +372,15 @@ class Store:
             return schema.empty_table().select(names)
         return pa.concat_tables([pq.read_table(p, columns=names) for p in self.shard_paths]).select(names)
 
-    def index(self) -> faiss.Index:
-        """The FAISS index (CPU ``IndexIDMap2``, ids == row_ids); checked on first load."""
+    def index(self, gpu: bool = False) -> faiss.Index:
+        """The FAISS index (``IndexIDMap2``, ids == row_ids), checked on first load and cached.
+
+        ``gpu=True`` returns a GPU copy for searching when faiss-gpu and a CUDA device are present
+        (the CPU index otherwise, and always for HNSW, which FAISS cannot run on a GPU).
+        """
         if self._index is None:
             self._index = self._load_checked_index()
-        return self._index
+        return indexes.to_gpu(self._index) if gpu else self._index
 
     def errors(self) -> pa.Table:
         """``errors.parquet`` (empty table with :data:`ERRORS_SCHEMA` when nothing failed)."""
@@ -573,7 +577,8 @@ class StoreWriter:
 
     Entering takes an exclusive ``flock`` on ``<store>/.lock``: a second writer gets
     StoreLockedError; the kernel drops the lock when its holder dies (even by SIGKILL), so a lock
-    left by a killed run is taken over without manual clean-up. Entering also deletes orphans
+    left by a killed run is taken over without manual clean-up (forked children such as DataLoader
+    workers drop their inherited copy, so they cannot keep it alive). Entering also deletes orphans
     (shards a killed run renamed into place but never added to the manifest, temp files).
     """
 
@@ -751,9 +756,10 @@ class StoreWriter:
         """
         path = self.path / ERRORS_FILE
         old = pq.read_table(path).cast(ERRORS_SCHEMA) if path.exists() else ERRORS_SCHEMA.empty_table()
-        touched = self._stored | self._attempted | {f["image_id"] for f in self._new_failures}
-        keep = pc.invert(pc.is_in(old.column("image_id"), value_set=pa.array(sorted(touched), pa.string())))
-        kept = old.filter(pc.fill_null(keep, True))
+        retried = {f["image_id"] for f in self._new_failures}
+        keep = [i not in self._stored and i not in self._attempted and i not in retried
+                for i in old.column("image_id").to_pylist()]  # O(errors), not O(store)
+        kept = old.filter(pa.array(keep, pa.bool_()))
         manifest["counts"]["errors"] = kept.num_rows + len(self._new_failures)
         if not self._failures_dirty and manifest["counts"]["errors"] == old.num_rows:
             return  # nothing new, nothing pruned: the file is already right

@@ -281,6 +281,20 @@ def search_store(tmp_path_factory: pytest.TempPathFactory, search_arrays):
 
 # --- section: finetune (issue 7) ---
 
+@pytest.fixture(scope="session")
+def synth_small(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """16 synthetic ChestX-ray14 images (64x64 files; the model still sees 480x480) for fine-tuning runs.
+
+    Patient-wise with the default fine-tuning fractions: 10 train, 4 validation, 2 test images, so a
+    training step stays cheap on CPU. Read-only, shared by the session.
+    """
+    from cxr_embed.synth import generate
+
+    root = tmp_path_factory.mktemp("synth_small")
+    generate(root, 16, layout="chestxray14", seed=0, size=64)
+    return root
+
+
 # --- section: demo (issue 9) ---
 
 DEMO_N = 48
@@ -308,17 +322,3 @@ def demo_run(tmp_path_factory: pytest.TempPathFactory):
     res = CliRunner().invoke(app, args, env=env)
     assert res.exit_code == 0, f"demo failed:\n{res.stderr}\n{res.exception!r}"
     return SimpleNamespace(out=out, store=out / "store", result=json.loads(res.stdout), stderr=res.stderr)
-
-
-@pytest.fixture(scope="session")
-def synth_small(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """16 synthetic ChestX-ray14 images (64x64 files; the model still sees 480x480) for fine-tuning runs.
-
-    Patient-wise with the default fine-tuning fractions: 10 train, 4 validation, 2 test images, so a
-    training step stays cheap on CPU. Read-only, shared by the session.
-    """
-    from cxr_embed.synth import generate
-
-    root = tmp_path_factory.mktemp("synth_small")
-    generate(root, 16, layout="chestxray14", seed=0, size=64)
-    return root

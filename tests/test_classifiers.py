@@ -56,6 +56,7 @@ def test_hyper_parameters_are_picked_on_the_held_out_slice(split) -> None:
     assert C.KnnClassifier().fit(X, y, Xv, yv).k_ in C.KnnClassifier.grid
     assert C.LogisticClassifier().fit(X, y, Xv, yv).C_ in C.LogisticClassifier.grid
     assert C.LogisticClassifier(C=0.5).fit(X, y, Xv, yv).C_ == 0.5
+    assert C.SvmClassifier().fit(X, y, Xv, yv).C_ in C.SvmClassifier.grid
 
 
 def test_saved_state_has_no_faiss_index(split) -> None:

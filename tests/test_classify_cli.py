@@ -6,10 +6,10 @@ import json
 import shutil
 
 import pytest
+from cxr_embed_cli.main import app
 from typer.testing import CliRunner
 
 from cxr_embed.store import Store
-from cxr_embed_cli.main import app
 
 runner = CliRunner()
 
@@ -46,7 +46,6 @@ def test_classify_table_output_and_user_errors(classified_store) -> None:
     result = runner.invoke(app, ["classify", "--store", str(path), "--models", "knn", "--folds", "3",
                                  "--bootstrap", "0", "--no-refit", "--no-plots"])
     assert result.exit_code == 0, result.output
-    assert "ROC" not in result.stdout or "knn" in result.stdout
     assert "knn" in result.stdout and "Subgroups" in result.stdout
     bad = runner.invoke(app, ["classify", "--store", str(path), "--models", "xgboost"])
     assert bad.exit_code == 1 and "Unknown classifier" in bad.output and "Traceback" not in bad.output
@@ -54,23 +53,23 @@ def test_classify_table_output_and_user_errors(classified_store) -> None:
     assert bad.exit_code == 1 and "calibration" in bad.output
 
 
-def test_predict_scores_new_images_with_the_store_model(classified_store, synth_cxr14, tmp_path) -> None:
-    from cxr_embed.model import tiny_model_dir
+def test_predict_scores_new_images_with_the_store_model(classified_store, synth_cxr14, tiny_model, tmp_path) -> None:
+    from cxr_embed.evaluation import predict_images
 
     path, _ = classified_store
-    images = sorted(synth_cxr14.glob("images_*/images/*.png"))[:2]
+    images = sorted(synth_cxr14.glob("images_*/images/*.png"))[:1]
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"not a png")
-    result = runner.invoke(app, ["predict", "--store", str(path), "--classifier", "lr", "--model-dir", str(tiny_model_dir()),
-                                 "--device", "cpu", "--json", *map(str, images), str(broken)])
-    assert result.exit_code == 0, result.output
-    doc = json.loads(result.stdout)
-    assert set(doc["thresholds"]) == {"youden", "sens90"}
-    ok, bad = doc["predictions"][:2], doc["predictions"][2]
-    for p in ok:
-        assert 0 <= p["probability"] <= 1 and p["error"] is None
-        assert p["decisions"]["sens90"] == (p["probability"] >= doc["thresholds"]["sens90"])
-    assert bad["probability"] is None and "broken.png" in bad["error"]
-    missing = runner.invoke(app, ["predict", "--store", str(path), "--classifier", "rf", "--model-dir",
-                                  str(tiny_model_dir()), str(images[0])])
-    assert missing.exit_code == 1 and "No classifier 'rf'" in missing.output
+    results, meta = predict_images(Store.open(path), "lr", [*images, broken], model=tiny_model)
+    assert set(meta["thresholds"]) == {"youden", "sens90"} and meta["model_id"] == tiny_model.model_id
+    for r in results[:1]:
+        assert 0 <= r.probability <= 1 and r.error is None
+        assert r.decisions["sens90"] == (r.probability >= meta["thresholds"]["sens90"])
+    assert results[1].probability is None and "broken.png" in results[1].error
+
+
+def test_predict_cli_reports_a_missing_classifier(classified_store, synth_cxr14) -> None:
+    path, _ = classified_store
+    image = sorted(synth_cxr14.glob("images_*/images/*.png"))[0]
+    missing = runner.invoke(app, ["predict", "--store", str(path), "--classifier", "rf", str(image)])
+    assert missing.exit_code == 1 and "No classifier 'rf'" in missing.output and "lr" in missing.output

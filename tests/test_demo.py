@@ -95,3 +95,13 @@ def test_demo_cli_error_is_a_message(tmp_path: Path) -> None:
 @pytest.fixture(scope="module")
 def demo_store(demo_run) -> Store:
     return Store.open(demo_run.store)
+
+
+def test_choose_model_falls_back_only_when_nothing_was_named(tmp_path: Path) -> None:
+    from cxr_embed.demo import choose_model
+    from cxr_embed.errors import ModelNotFoundError
+    from cxr_embed.model import tiny_model_dir
+
+    assert choose_model(tiny_model_dir()) == (tiny_model_dir(), True)
+    with pytest.raises(ModelNotFoundError):
+        choose_model(tmp_path / "no-such-model")  # a folder the user named must exist: no silent fallback

@@ -4,6 +4,7 @@ with the tiny reference model on synthetic ChestX-ray14 data (CPU, 480x480 input
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import signal
@@ -230,6 +231,9 @@ def test_interrupted_and_resumed_run_ends_with_identical_weights(synth_small, tm
     assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])][:5]
     ea, eb = load_file(straight / "checkpoint" / "ema.safetensors"), load_file(broken / "checkpoint" / "ema.safetensors")
     assert all(torch.equal(ea[k], eb[k]) for k in ea)
+    sa, sb = (json.loads((d / "checkpoint" / "state.json").read_text()) for d in (straight, broken))
+    assert sa["train"] == sb["train"] and len(sa["train"]["epoch_losses"]) == 3   # same position, same losses
+    assert sa["optimizer"] == sb["optimizer"]
     # training really changed the unfrozen weights and left the frozen stages alone
     base = MedImageInsight.load(tiny_model_dir(), device="cpu").module.image_encoder.state_dict()
     assert torch.equal(a["encoder.blocks.0.0.spatial_block.window_attn.fn.qkv.weight"],
@@ -241,7 +245,7 @@ def test_interrupted_and_resumed_run_ends_with_identical_weights(synth_small, tm
 
 def _check_export(run_dir: Path) -> None:
     """The exported folder loads with the strict loader, embeds, and differs from the base only in the tower."""
-    from cxr_embed.evaluation import METRICS_SCHEMA, PREDICTIONS_SCHEMA, RUNS_SCHEMA
+    from cxr_embed.store import RESULT_SCHEMAS
 
     base = MedImageInsight.load(tiny_model_dir(), device="cpu")
     tuned = MedImageInsight.load(run_dir / "model", device="cpu")
@@ -260,9 +264,38 @@ def _check_export(run_dir: Path) -> None:
     meta = json.loads((run_dir / "model" / "head.json").read_text())
     assert head["weight"].shape == (len(meta["targets"]), base.module.cfg.image.feature_dim)
     assert float(head["temperature"]) == pytest.approx(meta["temperature"]) and meta["temperature"] > 0
-    for name, schema in (("predictions", PREDICTIONS_SCHEMA), ("metrics", METRICS_SCHEMA), ("runs", RUNS_SCHEMA)):
+    for name, schema in RESULT_SCHEMAS.items():
         table = pq.read_table(run_dir / "results" / name)
         assert table.schema.names == schema.names and table.num_rows > 0
     preds = pq.read_table(run_dir / "results" / "predictions").to_pylist()
     assert {p["arm"] for p in preds} == {"finetuned"} and all(0 <= p["probability"] <= 1 for p in preds)
     assert len(preds) == len(json.loads((run_dir / "splits.json").read_text())["test"])
+
+
+@pytest.mark.slow
+def test_short_run_learns_and_writes_the_classify_tables_into_a_store(synth_cxr14, tmp_path):
+    """Loss falls and validation ROC-AUC beats chance; predictions/metrics/runs land in the store, by row_id."""
+    from cxr_embed.records import read_dataset
+    from cxr_embed.store import Store, build_store_from_arrays
+
+    records = read_dataset(synth_cxr14)
+    store = build_store_from_arrays(tmp_path / "store", np.eye(len(records), 8, dtype=np.float32) + 0.1, records)
+    cfg = _small_config(synth_cxr14, tmp_path / "run", epochs=2, batch_size=4, accumulate=1, freeze_stages=3,
+                        ema=None, val_fraction=0.3, store=str(tmp_path / "store"))
+    result = finetune(cfg, progress=False)
+    assert result.status == "completed" and result.state.global_step == 2 * math.ceil(result.n_images["train"] / 4)
+    first, last = result.state.history[0], result.state.history[-1]
+    assert last["train_loss"] < first["train_loss"]
+    assert result.state.best_auc > 0.5
+    assert 0 < result.test_metrics["abnormal"]["roc_auc"] <= 1
+    st = Store.open(store.path)
+    preds = st.read_results("predictions").to_pylist()
+    ids = dict(zip(*(st.metadata(columns=["image_id", "row_id"]).column(c).to_pylist() for c in ("image_id", "row_id")),
+                   strict=True))
+    assert preds and all(p["arm"] == "finetuned" and p["row_id"] == ids[p["image_id"]] for p in preds)
+    with st.connect() as con:
+        n = con.execute("SELECT count(*) FROM metrics WHERE arm = 'finetuned' AND metric = 'roc_auc' AND fold = -1"
+                        ).fetchone()[0]
+        kind = con.execute("SELECT kind FROM runs").fetchone()[0]
+    assert n == 1 and kind == "finetune"
+    assert list((tmp_path / "run" / "plots" / result.run_id).glob("*.png"))

@@ -76,15 +76,26 @@ def test_comparison_notebook_without_a_finetuned_arm(frozen_only_store: Path, tm
     assert "No fine-tuned predictions" in _outputs_text(run.executed_path)
 
 
+@pytest.mark.slow
+def test_gallery_survives_a_moved_source_folder(frozen_only_store: Path, tmp_path: Path) -> None:
+    run = run_notebook("03_retrieval_gallery.ipynb", frozen_only_store, figures=tmp_path / "f")
+    assert {p.name for p in run.figures} == EXPECTED_FIGURES["03_retrieval_gallery.ipynb"]
+
+
 @pytest.fixture(scope="module")
 def frozen_only_store(demo_run, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The demo store's images and frozen-arm results only: a store where fine-tuning never ran."""
+    """The demo store's embeddings and frozen-arm results only (fine-tuning never ran), with every image
+    path pointing into a folder that no longer exists (the source was moved after indexing)."""
+    import pyarrow as pa
     import pyarrow.compute as pc
 
     from cxr_embed.store import Store, build_store_from_arrays
 
     demo = Store.open(demo_run.store)
-    store = build_store_from_arrays(tmp_path_factory.mktemp("frozen_only") / "store", demo.embeddings(), demo.metadata())
+    meta = demo.metadata()
+    moved = pc.binary_join_element_wise(pa.scalar("/moved-away/"), meta["image_id"], "")
+    meta = meta.set_column(meta.schema.get_field_index("path"), "path", moved)
+    store = build_store_from_arrays(tmp_path_factory.mktemp("frozen_only") / "store", demo.embeddings(), meta)
     for table, column, keep in (("predictions", "arm", "frozen"), ("metrics", "arm", "frozen"), ("runs", "kind", "classify")):
         data = demo.read_results(table)
         store.write_results(table, data.filter(pc.equal(data[column], keep)))
