@@ -17,6 +17,7 @@ def finetune(
     model_dir: ModelDirOpt = None,
     epochs: Annotated[int, typer.Option(help="Training epochs (the cosine schedule spans all of them).")] = 10,
     lr: Annotated[float, typer.Option(help="Peak AdamW learning rate (the study: 1e-5).")] = 1e-5,
+    head_lr_scale: Annotated[float, typer.Option(help="The head's learning rate is --lr x this (1: the study's single rate; a fresh head learns faster with 10-100).")] = 1.0,
     weight_decay: Annotated[float, typer.Option(help="AdamW weight decay; none on norms, biases, depthwise convs.")] = 0.2,
     batch_size: Annotated[int, typer.Option(help="Images per optimizer step (the study: 48).")] = 48,
     accumulate: Annotated[int, typer.Option(help="Split each step into N micro-batches (same result, less memory).")] = 1,
@@ -47,7 +48,7 @@ def finetune(
     from cxr_embed.finetune import finetune as run_finetune
 
     values = {"source": str(source), "dataset": dataset, "model_dir": str(model_dir) if model_dir else None,
-              "epochs": epochs, "lr": lr, "weight_decay": weight_decay, "batch_size": batch_size,
+              "epochs": epochs, "lr": lr, "head_lr_scale": head_lr_scale, "weight_decay": weight_decay, "batch_size": batch_size,
               "accumulate": accumulate, "precision": precision, "grad_checkpointing": grad_checkpointing,
               "freeze_stages": freeze_stages, "label": label, "class_weighting": class_weighting, "ema": ema,
               "augment": augment, "hflip": hflip, "patience": patience, "max_steps": max_steps, "workers": workers,

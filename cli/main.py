@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import typer
-
 from cxr_embed_cli import (
     classify_cmds,
     demo_cmds,

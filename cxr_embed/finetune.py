@@ -79,6 +79,7 @@ class FineTuneConfig:
     model_dir: str | None = None
     epochs: int = 10
     lr: float = 1e-5
+    head_lr_scale: float = 1.0     # the head's learning rate is lr x this (1 = the study's single learning rate)
     min_lr: float = 0.0
     weight_decay: float = 0.2
     batch_size: int = 48            # images per optimizer step (the study's 48), split into `accumulate` micro-batches
@@ -115,8 +116,8 @@ class FineTuneConfig:
                             f"({self.accumulate}): each step is split into equal micro-batches")
         if self.epochs < 1:
             problems.append("--epochs must be at least 1")
-        if self.lr <= 0 or self.weight_decay < 0:
-            problems.append("--lr must be > 0 and --weight-decay >= 0")
+        if self.lr <= 0 or self.head_lr_scale <= 0 or self.weight_decay < 0:
+            problems.append("--lr and --head-lr-scale must be > 0 and --weight-decay >= 0")
         if self.ema is not None and not 0.0 < self.ema < 1.0:
             problems.append(f"--ema is a decay in (0, 1), e.g. 0.999, not {self.ema}")
         if self.freeze_stages < 0:
@@ -187,15 +188,23 @@ def no_weight_decay(name: str, param: torch.Tensor) -> bool:
     return param.ndim <= 1 or any(re.search(p, name) for p in NO_DECAY_PATTERNS)
 
 
-def param_groups(named: Sequence[tuple[str, torch.Tensor]], weight_decay: float) -> list[dict[str, Any]]:
-    """AdamW parameter groups: ``[decay, no_decay]`` over the trainable parameters, names kept for checks."""
-    decay, plain = [], []
+def param_groups(named: Sequence[tuple[str, torch.Tensor]], weight_decay: float,
+                 head_lr_scale: float = 1.0) -> list[dict[str, Any]]:
+    """AdamW parameter groups: ``[decay, no_decay]`` over the trainable tower parameters, names kept for checks,
+    then the same two for the classification head (``head.*``) when there is one.
+
+    Each group carries ``lr_scale`` (the head's is ``head_lr_scale``): a freshly initialised head
+    learns slowly at the tower's small learning rate, so users may give it a larger one.
+    """
+    buckets: dict[tuple[bool, bool], list[tuple[str, torch.Tensor]]] = {
+        (h, d): [] for h in (False, True) for d in (True, False)}
     for name, p in named:
         if p.requires_grad:
-            (plain if no_weight_decay(name, p) else decay).append((name, p))
+            buckets[(name.startswith("head."), not no_weight_decay(name, p))].append((name, p))
     return [
-        {"params": [p for _, p in decay], "names": [n for n, _ in decay], "weight_decay": weight_decay},
-        {"params": [p for _, p in plain], "names": [n for n, _ in plain], "weight_decay": 0.0},
+        {"params": [p for _, p in items], "names": [n for n, _ in items],
+         "weight_decay": weight_decay if decay else 0.0, "lr_scale": head_lr_scale if head else 1.0}
+        for (head, decay), items in buckets.items() if not head or items
     ]
 
 
@@ -767,7 +776,7 @@ def _setup(config: FineTuneConfig, resume: bool) -> _Run:
     prior = targets[splits["train"]].mean(axis=0)
     net = FineTuneNet(encoder, encoder.num_features, len(target_names(config.label)), prior).to(device)
     net.train()
-    groups = param_groups(list(net.named_parameters()), config.weight_decay)
+    groups = param_groups(list(net.named_parameters()), config.weight_decay, config.head_lr_scale)
     optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=config.lr, betas=(0.9, 0.999), eps=1e-8)
     scaler = torch.amp.GradScaler(device.type, enabled=config.precision == "fp16")
     named = list(net.named_parameters())
@@ -871,7 +880,7 @@ def _train_step(run: _Run, loader: Iterator, n_micro: int, n_terms: int, lr: flo
     """One optimizer step over ``n_micro`` micro-batches; the loss is the mean BCE over the whole step."""
     cfg = run.config
     for g in run.optimizer.param_groups:
-        g["lr"] = lr
+        g["lr"] = lr * g["lr_scale"]
     run.optimizer.zero_grad(set_to_none=True)
     total, trained = 0.0, False
     for m in range(n_micro):
@@ -1010,10 +1019,7 @@ def _finish(run: _Run, state: TrainState, status: str) -> FineTuneResult:
                                               np.zeros(len(yt), dtype=np.int64), [m], m, [m.thresholds],
                                               run.timings.get("train_s", 0.0)))
     meta = {k: np.array([getattr(r, k) for r in run.dataset.records], dtype=object) for k in ("sex", "age", "view")}
-    for s in evaluation.subgroup_table(results, meta):
-        rows = [(f"subgroup:{s['attribute']}={s['group']}:{k}", float(s[k]), None, None)
-                for k in ("n", "prevalence", "roc_auc", "brier", "sensitivity@sens90", "specificity@sens90") if k in s]
-        mets.append(evaluation.metrics_table(run.run_id, ARM, CLASSIFIER, s["target"], -1, rows))
+    mets += evaluation.subgroup_metrics_tables(run.run_id, ARM, evaluation.subgroup_table(results, meta))
     from cxr_embed import plots
 
     plot_files = plots.plot_run(run.out / "plots" / run.run_id, results) if results else []

@@ -21,6 +21,7 @@ from cxr_embed.errors import CheckpointError, ConfigError
 from cxr_embed.finetune import (
     EMA,
     FineTuneConfig,
+    FineTuneNet,
     TrainState,
     augment_batch,
     epoch_batches,
@@ -58,6 +59,17 @@ def test_param_groups_follow_the_reference_no_decay_rules(tiny_model):
     assert "image_encoder.norms.weight" in pn and "image_encoder.convs.1.proj.bias" in pn
     assert "image_encoder.blocks.0.0.spatial_block.window_attn.fn.qkv.weight" in dn
     assert "image_encoder.convs.0.proj.weight" in dn and "image_projection" in dn
+
+
+def test_head_gets_its_own_learning_rate_scale(tiny_model):
+    net = FineTuneNet(tiny_model.module.image_encoder, tiny_model.module.image_encoder.num_features, 1)
+    groups = param_groups(list(net.named_parameters()), 0.2, head_lr_scale=10.0)
+    is_head = [any(n.startswith("head.") for n in g["names"]) for g in groups]
+    head = [g for g, h in zip(groups, is_head, strict=True) if h]
+    tower = [g for g, h in zip(groups, is_head, strict=True) if not h]
+    assert {n for g in head for n in g["names"]} == {"head.weight", "head.bias"}
+    assert all(g["lr_scale"] == 10.0 for g in head) and all(g["lr_scale"] == 1.0 for g in tower)
+    assert all(not n.startswith("head.") for g in tower for n in g["names"])
 
 
 def test_lr_warms_up_linearly_then_decays_by_cosine():

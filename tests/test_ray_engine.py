@@ -141,9 +141,8 @@ def test_remote_errors_come_back_as_the_workers_cxr_embed_error() -> None:
 
 
 def test_ray_only_flags_are_refused_with_the_local_engine(tmp_path: Path) -> None:
-    from typer.testing import CliRunner
-
     from cxr_embed_cli.main import app
+    from typer.testing import CliRunner
 
     result = CliRunner().invoke(app, ["index", str(tmp_path), "--store", str(tmp_path / "s"), "--gpus-per-worker", "1"])
     assert result.exit_code == 1
