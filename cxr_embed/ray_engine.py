@@ -35,7 +35,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlparse
 
 import numpy as np
 
@@ -44,7 +43,7 @@ from cxr_embed.errors import ConfigError, CxrEmbedError, DependencyError, StoreM
 from cxr_embed.job import DecodeDataset, FailedItem, IndexConfig, IndexSummary, ShardBuffer, summarize
 from cxr_embed.progress import progress_bar
 from cxr_embed.records import ImageRecord, ReadFailure, read_dataset
-from cxr_embed.store import StoreWriter
+from cxr_embed.store import StoreWriter, local_store_path
 
 if TYPE_CHECKING:
     from cxr_embed.model import MedImageInsight
@@ -196,25 +195,6 @@ def describe_model(model_dir: str | Path | None) -> MedImageInsight:
 
 def _identity(model: MedImageInsight) -> tuple[str, str, str]:
     return model.model_id, model.checkpoint_sha256, model.preprocessor.fingerprint()
-
-
-def local_store_path(store_dir: str | Path) -> Path:
-    """``store_dir`` as a local path; ``file://`` URIs accepted, other schemes refused with advice.
-
-    The store is written only by the driver, through StoreWriter, which relies on POSIX semantics
-    (``flock``, atomic ``rename``, ``fsync``) that object stores (s3://, gs://, abfs://) lack.
-    """
-    text = str(store_dir)
-    if "://" not in text:
-        return Path(text).expanduser()
-    uri = urlparse(text)
-    if uri.scheme == "file":
-        return Path(uri.path)
-    raise ConfigError(
-        f"--store {text}: a store must be on a POSIX filesystem the driver can lock and rename on (a local disk or "
-        f"a shared mount such as NFS/Lustre), not {uri.scheme}://. Write it to a local path and copy it to "
-        f"{uri.scheme}:// when done (e.g. `aws s3 sync`); only the driver writes it, so workers do not need it."
-    )
 
 
 def _import_ray() -> Any:

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlparse
 
 import numpy as np
 import pyarrow as pa
@@ -41,7 +42,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from cxr_embed import indexes
-from cxr_embed.errors import StoreError, StoreLockedError, StoreMismatchError
+from cxr_embed.errors import ConfigError, StoreError, StoreLockedError, StoreMismatchError
 from cxr_embed.records import FINDINGS, ImageRecord, ReadFailure
 
 if TYPE_CHECKING:
@@ -563,6 +564,25 @@ def _drop_inherited_locks() -> None:
 os.register_at_fork(after_in_child=_drop_inherited_locks)
 
 
+def local_store_path(store_dir: str | Path) -> Path:
+    """``store_dir`` as a local path; ``file://`` URIs accepted, other schemes refused with advice.
+
+    Every writer (the local job and the Ray driver) goes through StoreWriter, which relies on POSIX semantics
+    (``flock``, atomic ``rename``, ``fsync``) that object stores (s3://, gs://, abfs://) lack.
+    """
+    text = str(store_dir)
+    if "://" not in text:
+        return Path(text).expanduser()
+    uri = urlparse(text)
+    if uri.scheme == "file":
+        return Path(uri.path)
+    raise ConfigError(
+        f"--store {text}: a store must be on a POSIX filesystem the driver can lock and rename on (a local disk or "
+        f"a shared mount such as NFS/Lustre), not {uri.scheme}://. Write it to a local path and copy it to "
+        f"{uri.scheme}:// when done (e.g. `aws s3 sync`); only the driver writes it, so workers do not need it."
+    )
+
+
 class StoreWriter:
     """The single writer of a store: lock, resume, append shards atomically, record failures, index.
 
@@ -592,7 +612,7 @@ class StoreWriter:
         dim: int,
         index_kind: str | None = None,
     ):
-        self.path = Path(path).expanduser()
+        self.path = local_store_path(path)
         self.identity = {"model_id": model_id, "checkpoint_sha256": checkpoint_sha256, "preprocess_fingerprint": preprocess_fingerprint}
         self.dim = int(dim)
         if index_kind is not None:

@@ -233,3 +233,12 @@ def test_info_summarises_counts_and_errors(store_copy: Path) -> None:
     assert info.labels == {"0": 323, "1": 277} and info.splits == {"train": 480, "test": 120}
     assert info.index_kind == "flat" and info.index_rows == 600
     assert info.errors == 1 and info.errors_by_stage == {"decode": 1}
+
+
+def test_writer_refuses_object_store_uris_and_accepts_file_uris(tmp_path: Path) -> None:
+    from cxr_embed.errors import ConfigError
+
+    ident = {"model_id": "m", "checkpoint_sha256": "0" * 64, "preprocess_fingerprint": "p", "dim": 4}
+    with pytest.raises(ConfigError, match="POSIX filesystem"):
+        StoreWriter("s3://bucket/stores/cxr14", **ident)
+    assert StoreWriter(f"file://{tmp_path}/s", **ident).path == tmp_path / "s"
