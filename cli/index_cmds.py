@@ -7,7 +7,16 @@ from typing import Annotated
 
 import typer
 from cxr_embed_cli.model_cmds import DeviceOpt, PrecisionOpt
-from cxr_embed_cli.output import JsonOpt, ModelDirOpt, StoreOpt, emit_json, handle_errors, info, print_table
+from cxr_embed_cli.output import (
+    JsonOpt,
+    ModelDirOpt,
+    StoreOpt,
+    emit_json,
+    handle_errors,
+    info,
+    print_fields,
+    print_table,
+)
 
 store_app = typer.Typer(help="Inspect and check an embedding store.", no_args_is_help=True)
 
@@ -59,18 +68,18 @@ def index_cmd(
     if json_out:
         emit_json(summary)
         return
-    print_table(
+    print_fields(
         [
-            {"field": "store", "value": summary.store},
-            {"field": "listed", "value": summary.listed},
-            {"field": "already stored", "value": summary.already_stored},
-            {"field": "embedded", "value": summary.embedded},
-            {"field": "failed", "value": f"{summary.failed} {summary.failures_by_stage or ''}".strip()},
-            {"field": "rows in store", "value": summary.rows},
-            {"field": "index", "value": summary.index_kind},
-            {"field": "images/s", "value": f"{summary.images_per_s:,.1f}"},
-            {"field": "seconds", "value": f"{summary.seconds:,.1f}"},
-            {"field": "model", "value": f"{summary.model_id} on {summary.device} ({summary.precision})"},
+            ("store", summary.store),
+            ("listed", summary.listed),
+            ("already stored", summary.already_stored),
+            ("embedded", summary.embedded),
+            ("failed", f"{summary.failed} {summary.failures_by_stage or ''}".strip()),
+            ("rows in store", summary.rows),
+            ("index", summary.index_kind),
+            ("images/s", f"{summary.images_per_s:,.1f}"),
+            ("seconds", f"{summary.seconds:,.1f}"),
+            ("model", f"{summary.model_id} on {summary.device} ({summary.precision})"),
         ],
         title="cxr-embed index",
     )
@@ -104,7 +113,7 @@ def info_cmd(store: StoreOpt, json_out: JsonOpt = False) -> None:
         ("size_mb", details.size_mb),
         ("updated_at", details.updated_at),
     ]
-    print_table([{"field": k, "value": v} for k, v in rows], title="cxr-embed store")
+    print_fields(rows, title="cxr-embed store")
 
 
 @store_app.command("validate")

@@ -6,7 +6,16 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from cxr_embed_cli.output import JsonOpt, ModelDirOpt, emit_json, handle_errors, info, print_table, stdout
+from cxr_embed_cli.output import (
+    JsonOpt,
+    ModelDirOpt,
+    emit_json,
+    handle_errors,
+    info,
+    print_fields,
+    print_table,
+    stdout,
+)
 
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto (CUDA when present), cpu, cuda or cuda:N.")]
 PrecisionOpt = Annotated[
@@ -61,7 +70,7 @@ def info_cmd(model_dir: ModelDirOpt = None, device: DeviceOpt = "auto", precisio
     if json_out:
         emit_json(details)
         return
-    rows = [{"field": k, "value": v} for k, v in (
+    rows = [
         ("model_id", details.model_id),
         ("model_dir", details.model_dir),
         ("checkpoint_sha256", details.checkpoint_sha256),
@@ -72,8 +81,8 @@ def info_cmd(model_dir: ModelDirOpt = None, device: DeviceOpt = "auto", precisio
         ("device", details.device),
         ("precision", details.precision),
         ("preprocess_fingerprint", details.preprocess_fingerprint),
-    )]
-    print_table(rows, title="MedImageInsight")
+    ]
+    print_fields(rows, title="MedImageInsight")
 
 
 @handle_errors

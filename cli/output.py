@@ -95,6 +95,11 @@ def print_table(rows: Sequence[dict[str, Any]], title: str | None = None, column
     stdout.print(table)
 
 
+def print_fields(pairs: Sequence[tuple[str, Any]], title: str | None = None) -> None:
+    """Print (field, value) pairs as a two-column table: the shape of every summary and info command."""
+    print_table([{"field": k, "value": v} for k, v in pairs], title=title, columns=("field", "value"))
+
+
 def _fmt(v: Any) -> str:
     if v is None:
         return ""
