@@ -6,7 +6,15 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from cxr_embed_cli.output import JsonOpt, ModelDirOpt, emit_json, handle_errors, info, print_table
+from cxr_embed_cli.output import (
+    JsonOpt,
+    ModelDirOpt,
+    PrecisionOpt,
+    emit_json,
+    handle_errors,
+    info,
+    print_table,
+)
 
 
 def finetune(
@@ -21,7 +29,7 @@ def finetune(
     weight_decay: Annotated[float, typer.Option(help="AdamW weight decay; none on norms, biases, depthwise convs.")] = 0.2,
     batch_size: Annotated[int, typer.Option(help="Images per optimizer step (the study: 48).")] = 48,
     accumulate: Annotated[int, typer.Option(help="Split each step into N micro-batches (same result, less memory).")] = 1,
-    precision: Annotated[str, typer.Option(help="fp32 | bf16 | fp16 (autocast; fp16 needs a GPU).")] = "fp32",
+    precision: PrecisionOpt = "fp32",
     grad_checkpointing: Annotated[bool, typer.Option(help="Recompute activations in backward: much less memory, ~30% slower.")] = False,
     freeze_stages: Annotated[int, typer.Option(help="Freeze the first K of the 4 DaViT stages.")] = 0,
     label: Annotated[str, typer.Option(help="abnormal (Normal/Abnormal) | all-findings (14 findings, multi-label).")] = "abnormal",

@@ -6,10 +6,11 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from cxr_embed_cli.model_cmds import DeviceOpt, PrecisionOpt
 from cxr_embed_cli.output import (
+    DeviceOpt,
     JsonOpt,
     ModelDirOpt,
+    PrecisionOpt,
     StoreOpt,
     emit_json,
     handle_errors,

@@ -7,8 +7,10 @@ from typing import Annotated
 
 import typer
 from cxr_embed_cli.output import (
+    DeviceOpt,
     JsonOpt,
     ModelDirOpt,
+    PrecisionOpt,
     emit_json,
     handle_errors,
     info,
@@ -16,11 +18,6 @@ from cxr_embed_cli.output import (
     print_table,
     stdout,
 )
-
-DeviceOpt = Annotated[str, typer.Option("--device", help="auto (CUDA when present), cpu, cuda or cuda:N.")]
-PrecisionOpt = Annotated[
-    str, typer.Option("--precision", help="fp32 (exact), or autocast bf16 (CPU/GPU) / fp16 (GPU) for speed.")
-]
 
 model_app = typer.Typer(help="Get and inspect the MedImageInsight model.", no_args_is_help=True)
 

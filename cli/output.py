@@ -23,6 +23,7 @@ from rich.console import Console
 from rich.table import Table
 
 from cxr_embed.errors import CxrEmbedError
+from cxr_embed.precision import PRECISION_HELP
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -42,6 +43,8 @@ ModelDirOpt = Annotated[
         "Defaults to $CXR_EMBED_MODEL_DIR, then the `cxr-embed model pull` cache.",
     ),
 ]
+DeviceOpt = Annotated[str, typer.Option("--device", help="auto (CUDA when present), cpu, cuda or cuda:N.")]
+PrecisionOpt = Annotated[str, typer.Option("--precision", help=PRECISION_HELP)]
 
 
 def handle_errors(fn: F) -> F:

@@ -20,7 +20,6 @@ every classifier still has enough patients for 5 grouped folds.
 
 from __future__ import annotations
 
-import json
 import shutil
 import time
 from collections.abc import Callable
@@ -28,6 +27,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cxr_embed.atomicio import write_json_atomic
 from cxr_embed.errors import ConfigError, ModelNotFoundError
 
 DEFAULT_DIR = Path("cxr-embed-demo")
@@ -150,7 +150,7 @@ def prepare_out(out: Path, force: bool) -> Path:
             raise ConfigError(f"{out} already holds a demo. Pass --force to replace it, or choose another --dir.")
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / MARKER).write_text(json.dumps({"status": "running"}), encoding="utf-8")
+    write_json_atomic({"status": "running"}, out / MARKER)
     return out
 
 
@@ -221,7 +221,7 @@ def run_demo(config: DemoConfig, log: Log | None = None) -> DemoResult:
         notebooks_command=f"CXR_EMBED_STORE={store_dir} jupyter lab notebooks/  (or rerun with --notebooks)", notebooks=notebooks,
         timings={k: round(v, 2) for k, v in timings.items()}, notices=notices,
     )
-    (out / MARKER).write_text(json.dumps({"status": "complete", **asdict(result)}, indent=2, default=str), encoding="utf-8")
+    write_json_atomic({"status": "complete", **asdict(result)}, out / MARKER)
     return result
 
 

@@ -36,6 +36,7 @@ import pyarrow as pa
 
 from cxr_embed import classifiers as clf
 from cxr_embed import metrics
+from cxr_embed.atomicio import atomic_path, write_json_atomic
 from cxr_embed.errors import ConfigError, EvaluationError, StoreError
 from cxr_embed.progress import progress_bar
 from cxr_embed.records import FINDINGS
@@ -606,9 +607,8 @@ def save_model(store, fitted: FittedModel, target: str, config: ClassifyConfig, 
     folder.mkdir(parents=True, exist_ok=True)
     name = model_name(fitted.name, target)
     payload = {"classifier": fitted.classifier, "calibrator": fitted.calibrator}
-    tmp = folder / f".{name}.skops.tmp"
-    sio.dump(payload, tmp)
-    tmp.replace(folder / f"{name}.skops")
+    with atomic_path(folder / f"{name}.skops") as tmp:
+        sio.dump(payload, tmp)
     meta = {
         "name": name, "classifier": fitted.name, "target": target, "run_id": run_id,
         "calibration": config.calibration, "thresholds": fitted.thresholds,
@@ -617,8 +617,7 @@ def save_model(store, fitted: FittedModel, target: str, config: ClassifyConfig, 
         "heldout_rows": int(len(fitted.heldout_y)), "cv_metrics": {k: v for k, v in cv_metrics.items() if v == v},
         "created_at": datetime.now(timezone.utc).isoformat(), "versions": versions(),
     }
-    (folder / f".{name}.json.tmp").write_text(json.dumps(meta, indent=2))
-    (folder / f".{name}.json.tmp").replace(folder / f"{name}.json")
+    write_json_atomic(meta, folder / f"{name}.json")
     return folder / f"{name}.skops"
 
 

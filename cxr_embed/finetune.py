@@ -31,7 +31,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import random
 import re
 import shutil
@@ -51,7 +50,9 @@ import torch.nn.functional as F
 from scipy.special import expit
 from torch import nn
 
+from cxr_embed.atomicio import atomic_path, replace_dir, write_json_atomic, write_parquet_atomic
 from cxr_embed.errors import CheckpointError, ConfigError, EvaluationError, InputError
+from cxr_embed.precision import PRECISIONS, autocast
 from cxr_embed.records import FINDINGS, ImageRecord
 
 #: Options that may change when a run is resumed; everything else must match the interrupted run.
@@ -107,8 +108,8 @@ class FineTuneConfig:
     def validate(self) -> None:
         """Refuse impossible option combinations before anything is loaded."""
         problems = []
-        if self.precision not in ("fp32", "bf16", "fp16"):
-            problems.append(f"--precision must be fp32, bf16 or fp16, not {self.precision!r}")
+        if self.precision not in PRECISIONS:
+            problems.append(f"--precision must be one of {', '.join(PRECISIONS)}, not {self.precision!r}")
         if self.label not in ("abnormal", "all-findings"):
             problems.append(f"--label must be 'abnormal' or 'all-findings', not {self.label!r}")
         if self.batch_size < 1 or self.accumulate < 1 or self.batch_size % self.accumulate:
@@ -391,14 +392,6 @@ def _set_rng_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> No
     random.setstate((version, tuple(internal), gauss))
 
 
-def _write_json(path: Path, obj: Any) -> None:
-    """Atomic JSON (the store's writer); paths and numpy values become plain JSON first."""
-    from cxr_embed.store import write_json_atomic
-
-    write_json_atomic(json.loads(json.dumps(obj, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o))),
-                      path)
-
-
 def _cpu_state(module: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
 
@@ -412,24 +405,18 @@ def save_checkpoint(out: Path, *, net: nn.Module, optimizer: torch.optim.Optimiz
     """
     from safetensors.torch import save_file
 
-    final, tmp, old = out / CHECKPOINT_DIR, out / f"{CHECKPOINT_DIR}.tmp", out / f"{CHECKPOINT_DIR}.old"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file(_cpu_state(net), tmp / "model.safetensors")
-    opt_tensors, opt_meta = _flatten_optimizer(optimizer.state_dict())
-    save_file(opt_tensors, tmp / "optimizer.safetensors")
-    if ema is not None:
-        save_file({k: v.detach().cpu().contiguous() for k, v in ema.shadow.items()}, tmp / "ema.safetensors")
-    rng_tensors, rng_meta = _rng_state()
-    save_file(rng_tensors, tmp / "rng.safetensors")
-    _write_json(tmp / "state.json", {"train": dataclasses.asdict(state), "optimizer": opt_meta, "rng": rng_meta,
-                                     "scaler": scaler.state_dict() if scaler.is_enabled() else None})
-    if final.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-    os.replace(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
-    return final
+    def build(tmp: Path) -> None:
+        save_file(_cpu_state(net), tmp / "model.safetensors")
+        opt_tensors, opt_meta = _flatten_optimizer(optimizer.state_dict())
+        save_file(opt_tensors, tmp / "optimizer.safetensors")
+        if ema is not None:
+            save_file({k: v.detach().cpu().contiguous() for k, v in ema.shadow.items()}, tmp / "ema.safetensors")
+        rng_tensors, rng_meta = _rng_state()
+        save_file(rng_tensors, tmp / "rng.safetensors")
+        write_json_atomic({"train": dataclasses.asdict(state), "optimizer": opt_meta, "rng": rng_meta,
+                           "scaler": scaler.state_dict() if scaler.is_enabled() else None}, tmp / "state.json")
+
+    return replace_dir(out / CHECKPOINT_DIR, build)
 
 
 def load_checkpoint(out: Path, *, net: nn.Module, optimizer: torch.optim.Optimizer, scaler: Any,
@@ -467,7 +454,7 @@ def load_checkpoint(out: Path, *, net: nn.Module, optimizer: torch.optim.Optimiz
 def save_run_config(config: FineTuneConfig) -> None:
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
-    _write_json(out / "config.json", dataclasses.asdict(config))
+    write_json_atomic(dataclasses.asdict(config), out / "config.json")
 
 
 def load_run_config(out: str | Path) -> FineTuneConfig:
@@ -624,12 +611,6 @@ class StopFlag:
 # --------------------------------------------------------------------------------------- evaluation helpers
 
 
-def _autocast(device: torch.device, precision: str) -> Any:
-    """Autocast context for ``precision`` (fp32: a no-op context)."""
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-    return torch.autocast(device_type=device.type, dtype=dtype, enabled=dtype is not None)
-
-
 @torch.no_grad()
 def predict_logits(net: nn.Module, dataset: ImageDataset, indices: np.ndarray, *, batch_size: int, device: torch.device,
                    precision: str, workers: int, seed: int) -> tuple[np.ndarray, np.ndarray, list[tuple[int, str]]]:
@@ -645,7 +626,7 @@ def predict_logits(net: nn.Module, dataset: ImageDataset, indices: np.ndarray, *
             failed.extend(bad)
             if x is None:
                 continue
-            with _autocast(device, precision):
+            with autocast(device.type, precision):
                 logits = net(x.to(device, non_blocking=True))
             kept.extend(idx)
             outs.append(logits.float().cpu().numpy().astype(np.float64))
@@ -731,7 +712,7 @@ def _splits_for(out: Path, records: list[ImageRecord], targets: np.ndarray, conf
         return {k: np.array([pos[i] for i in ids], dtype=np.int64) for k, ids in saved.items()}
     splits = patient_splits(records, targets, val_fraction=config.val_fraction,
                             test_fraction=config.test_fraction, seed=config.seed)
-    _write_json(path, {k: [records[i].image_id for i in v] for k, v in splits.items()})
+    write_json_atomic({k: [records[i].image_id for i in v] for k, v in splits.items()}, path)
     return splits
 
 
@@ -751,7 +732,7 @@ def _run_identity(out: Path, resume: bool) -> tuple[str, str]:
 
     now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     run_id = new_run_id("finetune")
-    _write_json(path, {"run_id": run_id, "created_at": now})
+    write_json_atomic({"run_id": run_id, "created_at": now}, path)
     return run_id, now
 
 
@@ -892,7 +873,7 @@ def _train_step(run: _Run, loader: Iterator, n_micro: int, n_terms: int, lr: flo
         y = torch.from_numpy(run.targets[idx]).to(run.device)
         if cfg.augment:
             x = augment_batch(x, step_generator(cfg.seed, global_step, m), mean, std, hflip=cfg.hflip)
-        with _autocast(run.device, cfg.precision):
+        with autocast(run.device.type, cfg.precision):
             logits = run.net(x)
         loss = F.binary_cross_entropy_with_logits(logits.float(), y, pos_weight=run.pos_weight,
                                                   reduction="sum") / n_terms
@@ -939,8 +920,8 @@ def _end_epoch(run: _Run, state: TrainState) -> None:
         if improved:
             best = run.out / BEST_DIR
             best.mkdir(exist_ok=True)
-            save_file(_cpu_state(run.net), best / "model.safetensors.tmp")
-            os.replace(best / "model.safetensors.tmp", best / "model.safetensors")
+            with atomic_path(best / "model.safetensors") as tmp:
+                save_file(_cpu_state(run.net), tmp)
     losses = state.epoch_losses
     state.history.append({"epoch": state.epoch + 1, "train_loss": float(np.mean(losses)) if losses else None,
                           "val_roc_auc": None if math.isnan(auc) else auc, "global_step": state.global_step})
@@ -968,7 +949,7 @@ class _FolderResults:
         self.root = root
 
     def write_results(self, table: str, data: Any) -> Path:
-        from cxr_embed.store import RESULT_SCHEMAS, RESULTS_DIR, conform, write_parquet_atomic
+        from cxr_embed.store import RESULT_SCHEMAS, RESULTS_DIR, conform
 
         data = conform(data, RESULT_SCHEMAS[table], f"results/{table}")
         return write_parquet_atomic(data, self.root / RESULTS_DIR / table / f"part-{time.time_ns():020d}.parquet")
@@ -1042,8 +1023,8 @@ def _finish(run: _Run, state: TrainState, status: str) -> FineTuneResult:
     result = FineTuneResult(status=status, run_id=run.run_id, out=run.out, state=state, model_dir=model_dir,
                             temperature=temperature, test_metrics=summary, n_images=_sizes(run),
                             failures=list(run.failures.values()), plots=[Path(p) for p in plot_files])
-    _write_json(run.out / "result.json", {k: v for k, v in dataclasses.asdict(result).items() if k != "state"}
-                | {"history": state.history, "best_epoch": state.best_epoch, "best_val_roc_auc": state.best_auc})
+    write_json_atomic({k: v for k, v in dataclasses.asdict(result).items() if k != "state"}
+                | {"history": state.history, "best_epoch": state.best_epoch, "best_val_roc_auc": state.best_auc}, run.out / "result.json")
     return result
 
 
@@ -1062,7 +1043,7 @@ def _write_failures(run: _Run) -> None:
     """``errors.parquet`` in the store's errors schema: every image that could not be read or decoded."""
     import pyarrow as pa
 
-    from cxr_embed.store import ERRORS_SCHEMA, write_parquet_atomic
+    from cxr_embed.store import ERRORS_SCHEMA
 
     rows = list(run.failures.values())
     now = [datetime.now(timezone.utc)] * len(rows)
@@ -1082,10 +1063,6 @@ def export_model(run: _Run, temperature: float, state: TrainState) -> Path:
     from cxr_embed.model.files import CHECKPOINT_RELPATH, CONFIG_NAME, TOKENIZER_RELPATH, sha256_file
 
     base_dir = Path(run.base.model_dir)
-    final, tmp = run.out / MODEL_DIR, run.out / f"{MODEL_DIR}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    (tmp / CHECKPOINT_RELPATH).parent.mkdir(parents=True)
-    shutil.copytree(base_dir / TOKENIZER_RELPATH, tmp / TOKENIZER_RELPATH)
     # model_id is the NAME's slug up to any "(remark)": the suffix goes before it so the id changes.
     stem, paren, remark = run.base.config.name.partition("(")
     name = f"{stem.strip()} finetuned {run.run_id}" + (f" {paren}{remark}" if paren else "")
@@ -1093,20 +1070,24 @@ def export_model(run: _Run, temperature: float, state: TrainState) -> Path:
     text, n = re.subn(r"(?m)^NAME:.*$", lambda _: "NAME: " + json.dumps(name), text, count=1)
     if n == 0:
         text = "NAME: " + json.dumps(name) + "\n" + text
-    (tmp / CONFIG_NAME).write_text(text, encoding="utf-8")
-    # Same tensor names, order, dtype and no metadata as the official file: only image_encoder.* changed.
-    save_file(_cpu_state(run.base.module), tmp / CHECKPOINT_RELPATH)
-    head = {"weight": run.net.head.weight.detach().cpu().contiguous(),
-            "bias": run.net.head.bias.detach().cpu().contiguous(),
-            "temperature": torch.tensor(temperature, dtype=torch.float32)}
-    save_file(head, tmp / "head.safetensors")
-    _write_json(tmp / "head.json", {
-        "targets": run.names, "label": run.config.label, "temperature": temperature,
-        "probability": "sigmoid((features @ weight.T + bias) / temperature)", "features": "image_encoder.forward_features",
-        "run_id": run.run_id, "best_epoch": state.best_epoch, "best_val_roc_auc": state.best_auc,
-        "base_model_id": run.base.model_id, "base_checkpoint_sha256": run.base.checkpoint_sha256,
-        "checkpoint_sha256": sha256_file(tmp / CHECKPOINT_RELPATH),
-    })
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    return final
+
+    def build(tmp: Path) -> None:
+        (tmp / CHECKPOINT_RELPATH).parent.mkdir(parents=True)
+        shutil.copytree(base_dir / TOKENIZER_RELPATH, tmp / TOKENIZER_RELPATH)
+        (tmp / CONFIG_NAME).write_text(text, encoding="utf-8")
+        # Same tensor names, order, dtype and no metadata as the official file: only image_encoder.* changed.
+        save_file(_cpu_state(run.base.module), tmp / CHECKPOINT_RELPATH)
+        head = {"weight": run.net.head.weight.detach().cpu().contiguous(),
+                "bias": run.net.head.bias.detach().cpu().contiguous(),
+                "temperature": torch.tensor(temperature, dtype=torch.float32)}
+        save_file(head, tmp / "head.safetensors")
+        write_json_atomic({
+            "targets": run.names, "label": run.config.label, "temperature": temperature,
+            "probability": "sigmoid((features @ weight.T + bias) / temperature)",
+            "features": "image_encoder.forward_features",
+            "run_id": run.run_id, "best_epoch": state.best_epoch, "best_val_roc_auc": state.best_auc,
+            "base_model_id": run.base.model_id, "base_checkpoint_sha256": run.base.checkpoint_sha256,
+            "checkpoint_sha256": sha256_file(tmp / CHECKPOINT_RELPATH),
+        }, tmp / "head.json")
+
+    return replace_dir(run.out / MODEL_DIR, build)

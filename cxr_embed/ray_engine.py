@@ -307,7 +307,7 @@ def run_index_ray(source: str | Path, store_dir: str | Path, config: IndexConfig
     """
     import torch
 
-    from cxr_embed.model.medimageinsight import check_precision
+    from cxr_embed.precision import check_precision
 
     config = config or IndexConfig(engine="ray")
     config.check()
@@ -331,7 +331,7 @@ def run_index_ray(source: str | Path, store_dir: str | Path, config: IndexConfig
             started = _connect(ray, address)
             try:
                 plan = plan_pool(ray.cluster_resources(), config.device, gpus_per_worker, cpus_per_worker)
-                check_precision(config.precision, torch.device(plan.device))  # here, not in every actor
+                check_precision(config.precision, torch.device(plan.device).type)  # here, not in every actor
                 embed_start = time.perf_counter()  # actor start-up counts, joining the cluster does not
                 failures += _embed(ray, _pipeline(ray, todo, model, plan, model.model_dir, config), todo, writer, config, progress)
                 embed_seconds = time.perf_counter() - embed_start

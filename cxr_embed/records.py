@@ -55,6 +55,21 @@ class ImageRecord:
     age: float | None
     view: str | None  # "PA" | "AP" | "LL" | …
     source: str  # "chestxray14" | "folder" | "dicom" | "synth"
+    # What the store keeps in its ``path`` column when ``path`` itself must not be stored (DICOM: a
+    # keyed reference; the data owner's link file maps it back to ``path``). None: store ``path``.
+    stored_path: str | None = None
+    # Non-identifying acquisition attributes (DICOM headers; CSV columns where a dataset has them).
+    modality: str | None = None  # "CR" | "DX" | …
+    body_part: str | None = None  # BodyPartExamined, upper case
+    photometric: str | None = None  # "MONOCHROME1" | "MONOCHROME2" | "RGB" | …
+    bits_stored: int | None = None
+    rows: int | None = None
+    columns: int | None = None
+    pixel_spacing_row: float | None = None  # mm
+    pixel_spacing_col: float | None = None  # mm
+    manufacturer: str | None = None
+    model_name: str | None = None  # ManufacturerModelName
+    frames: int | None = None  # NumberOfFrames (1 for single-frame images)
 
 
 @dataclass(frozen=True)

@@ -42,8 +42,10 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from cxr_embed import indexes
+from cxr_embed.atomicio import atomic_path, write_json_atomic, write_parquet_atomic
 from cxr_embed.errors import ConfigError, StoreError, StoreLockedError, StoreMismatchError
 from cxr_embed.records import FINDINGS, ImageRecord, ReadFailure
+from cxr_embed.schema import ERRORS_SCHEMA, IDENTITY_COLUMNS, METADATA_SCHEMA, RESULT_SCHEMAS, shard_schema
 
 if TYPE_CHECKING:
     import duckdb
@@ -58,132 +60,6 @@ INDEX_FILE = "faiss.index"
 INDEX_META = "index.json"
 ERRORS_FILE = "errors.parquet"
 RESULTS_DIR = "results"
-IDENTITY_COLUMNS: tuple[str, ...] = ("model_id", "checkpoint_sha256", "preprocess_fingerprint")
-
-METADATA_SCHEMA = pa.schema(
-    [
-        pa.field("row_id", pa.int64(), nullable=False),
-        pa.field("image_id", pa.string(), nullable=False),
-        pa.field("path", pa.string()),
-        pa.field("patient_id", pa.string()),
-        pa.field("study", pa.int32()),
-        pa.field("split", pa.string()),
-        pa.field("label", pa.int8()),
-        *[pa.field(name, pa.int8()) for name in FINDINGS],
-        pa.field("sex", pa.string()),
-        pa.field("age", pa.float32()),
-        pa.field("view", pa.string()),
-        pa.field("source", pa.string()),
-    ]
-)
-"""Every shard column but ``embedding`` and the identity columns, in file order."""
-
-ERRORS_SCHEMA = pa.schema(
-    [
-        pa.field("image_id", pa.string()),
-        pa.field("path", pa.string()),
-        pa.field("stage", pa.string()),
-        pa.field("reason", pa.string()),
-        pa.field("run_at", pa.timestamp("us", tz="UTC")),
-    ]
-)
-
-RESULT_SCHEMAS: dict[str, pa.Schema] = {
-    "predictions": pa.schema(
-        [
-            ("run_id", pa.string()),
-            ("arm", pa.string()),
-            ("classifier", pa.string()),
-            ("target", pa.string()),
-            ("fold", pa.int32()),
-            ("row_id", pa.int64()),
-            ("image_id", pa.string()),
-            ("probability", pa.float64()),
-            ("label", pa.int8()),
-        ]
-    ),
-    "metrics": pa.schema(
-        [
-            ("run_id", pa.string()),
-            ("arm", pa.string()),
-            ("classifier", pa.string()),
-            ("target", pa.string()),
-            ("fold", pa.int32()),
-            ("metric", pa.string()),
-            ("value", pa.float64()),
-            ("ci_low", pa.float64()),
-            ("ci_high", pa.float64()),
-        ]
-    ),
-    "runs": pa.schema(
-        [
-            ("run_id", pa.string()),
-            ("kind", pa.string()),
-            ("created_at", pa.timestamp("us", tz="UTC")),
-            ("params", pa.string()),
-            ("versions", pa.string()),
-            ("timings", pa.string()),
-        ]
-    ),
-}
-
-
-def shard_schema(dim: int) -> pa.Schema:
-    """The full schema of an embedding shard for ``dim``-dimensional embeddings."""
-    return pa.schema(
-        [
-            *METADATA_SCHEMA,
-            pa.field("embedding", pa.list_(pa.float32(), dim)),
-            *[pa.field(name, pa.string()) for name in IDENTITY_COLUMNS],
-        ]
-    )
-
-
-# ----------------------------------------------------------------------------- atomic files
-
-
-def fsync_dir(path: Path) -> None:
-    """Make a rename in ``path`` durable (the directory entry itself must reach the disk)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _tmp_name(final: Path) -> Path:
-    return final.with_name(f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-
-
-def _commit(tmp: Path, final: Path) -> None:
-    with open(tmp, "rb") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, final)
-    fsync_dir(final.parent)
-
-
-def write_parquet_atomic(table: pa.Table, final: Path) -> Path:
-    """Write ``table`` to ``final`` so that readers see the old file or the whole new one, never half."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_name(final)
-    try:
-        pq.write_table(table, tmp, compression="zstd")
-        _commit(tmp, final)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return final
-
-
-def write_json_atomic(obj: Any, final: Path) -> None:
-    """``json.dump`` with the same tmp + fsync + rename guarantee."""
-    tmp = _tmp_name(final)
-    try:
-        tmp.write_text(json.dumps(obj, indent=2) + "\n")
-        _commit(tmp, final)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
@@ -210,6 +86,9 @@ def _record_rows(records: Sequence[ImageRecord]) -> list[dict[str, Any]]:
     rows = []
     for rec in records:
         row = dataclasses.asdict(rec)
+        stored = row.pop("stored_path")
+        if stored is not None:
+            row["path"] = stored
         flags = row.pop("findings")
         row.update({name: (None if flags is None else int(flags[i])) for i, name in enumerate(FINDINGS)})
         rows.append(row)
@@ -834,13 +713,8 @@ def _save_index(index: faiss.Index, info: indexes.IndexInfo, index_dir: Path) ->
     import faiss
 
     index_dir.mkdir(parents=True, exist_ok=True)
-    final = index_dir / INDEX_FILE
-    tmp = _tmp_name(final)
-    try:
+    with atomic_path(index_dir / INDEX_FILE) as tmp:
         faiss.write_index(index, str(tmp))
-        _commit(tmp, final)
-    finally:
-        tmp.unlink(missing_ok=True)
     write_json_atomic(dataclasses.asdict(info), index_dir / INDEX_META)
 
 

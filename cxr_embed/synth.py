@@ -18,7 +18,6 @@ Everything is deterministic per ``seed``. Rendering is vectorised: anatomy and f
 from __future__ import annotations
 
 import functools
-import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +25,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from cxr_embed.atomicio import write_json_atomic
 from cxr_embed.errors import ConfigError
 from cxr_embed.records import FINDINGS
 
@@ -462,7 +462,7 @@ def generate(
         n_test=sum(c.split == "test" for c in cases),
         finding_counts=counts,
     )
-    (root / "synth.json").write_text(json.dumps(result.__dict__, indent=2) + "\n")
+    write_json_atomic(result.__dict__, root / "synth.json")
     return result
 
 

@@ -15,7 +15,9 @@ from cxr_embed.records import FINDINGS, ImageRecord, ReadFailure, detect_dataset
 def test_contract_types() -> None:
     assert len(FINDINGS) == 14 and FINDINGS[-2:] == ("pleural_thickening", "hernia")
     assert [f.name for f in dataclasses.fields(ImageRecord)] == [
-        "image_id", "path", "patient_id", "study", "split", "label", "findings", "sex", "age", "view", "source"
+        "image_id", "path", "patient_id", "study", "split", "label", "findings", "sex", "age", "view", "source",
+        "stored_path", "modality", "body_part", "photometric", "bits_stored", "rows", "columns",
+        "pixel_spacing_row", "pixel_spacing_col", "manufacturer", "model_name", "frames",
     ]  # fmt: skip
     assert [f.name for f in dataclasses.fields(ReadFailure)] == ["image_id", "path", "stage", "reason"]
 

@@ -14,6 +14,7 @@ import os
 from importlib import resources
 from pathlib import Path
 
+from cxr_embed.atomicio import write_json_atomic
 from cxr_embed.errors import ModelNotFoundError
 
 CONFIG_NAME = "config.yaml"
@@ -106,9 +107,7 @@ def sha256_file(path: str | Path) -> str:
         cached[key] = value
         try:
             cache_file.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cache_file.with_suffix(f".tmp{os.getpid()}")
-            tmp.write_text(json.dumps(cached, indent=1))
-            tmp.replace(cache_file)
+            write_json_atomic(cached, cache_file)
         except OSError:
             pass  # a read-only cache only costs re-hashing next time
     return value

@@ -30,6 +30,7 @@ from cxr_embed.model.files import (
 from cxr_embed.model.loading import load_checkpoint
 from cxr_embed.model.tokenizer import ClipTokenizer
 from cxr_embed.model.unicl import UniCL, l2_normalize
+from cxr_embed.precision import autocast, check_precision
 from cxr_embed.preprocessing import Preprocessor
 
 #: Published sha256 of the official ``medimageinsigt-v1.0.0.pt`` (from its Git LFS pointer).
@@ -53,9 +54,6 @@ class ModelInfo:
     preprocess_fingerprint: str
 
 
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
 def resolve_device(device: str | torch.device) -> torch.device:
     """``"auto"`` picks CUDA when present, else CPU; anything else is passed to ``torch.device``."""
     if str(device) == "auto":
@@ -69,19 +67,12 @@ def resolve_device(device: str | torch.device) -> torch.device:
     return resolved
 
 
-def check_precision(precision: str, device: torch.device) -> None:
-    if precision not in PRECISIONS:
-        raise ConfigError(f"Unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}.")
-    if precision == "fp16" and device.type != "cuda":
-        raise ConfigError("fp16 autocast needs a CUDA GPU; use bf16 or fp32 on CPU.")
-
-
 class MedImageInsight:
     """A loaded model: preprocessing settings, tokenizer and the ``UniCL`` module on one device."""
 
     def __init__(self, module: UniCL, model_dir: Path, checkpoint_sha256: str, device: torch.device,
                  precision: str = "fp32"):
-        check_precision(precision, device)
+        check_precision(precision, device.type)
         self.module = module
         self.model_dir = model_dir
         self.checkpoint_sha256 = checkpoint_sha256
@@ -106,7 +97,7 @@ class MedImageInsight:
             raise ConfigError(f"{folder / TOKENIZER_RELPATH} lacks {', '.join(missing)}; the model folder is "
                               "incomplete (run `cxr-embed model pull`).")
         resolved = resolve_device(device)
-        check_precision(precision, resolved)  # before reading 2.5 GB
+        check_precision(precision, resolved.type)  # before reading 2.5 GB
         checkpoint = folder / CHECKPOINT_RELPATH
         with torch.device("meta"):  # no random init of 616 M parameters that are overwritten anyway
             module = UniCL(cfg)
@@ -158,11 +149,8 @@ class MedImageInsight:
         """Eval mode (each submodule's mode restored afterwards, so a training loop can validate), no grad, autocast."""
         modes = [(m, m.training) for m in self.module.modules()]
         self.module.eval()
-        dtype = PRECISIONS[self.precision]
-        autocast = (torch.autocast(self.device.type, dtype=dtype) if dtype is not None
-                    else contextlib.nullcontext())
         try:
-            with torch.no_grad(), autocast:
+            with torch.no_grad(), autocast(self.device.type, self.precision):
                 yield
         finally:
             for module, training in modes:

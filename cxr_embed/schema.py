@@ -1,0 +1,103 @@
+"""The store's table schemas: the one place every column of every store file is defined.
+
+Why a module of its own: the store, the readers (which fill the metadata columns), the result
+writers (classify, finetune, study) and SQL all agree on these; keeping them apart from the
+store's I/O lets each grow without touching the others.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+from cxr_embed.records import FINDINGS
+
+IDENTITY_COLUMNS: tuple[str, ...] = ("model_id", "checkpoint_sha256", "preprocess_fingerprint")
+
+METADATA_SCHEMA = pa.schema(
+    [
+        pa.field("row_id", pa.int64(), nullable=False),
+        pa.field("image_id", pa.string(), nullable=False),
+        pa.field("path", pa.string()),
+        pa.field("patient_id", pa.string()),
+        pa.field("study", pa.int32()),
+        pa.field("split", pa.string()),
+        pa.field("label", pa.int8()),
+        *[pa.field(name, pa.int8()) for name in FINDINGS],
+        pa.field("sex", pa.string()),
+        pa.field("age", pa.float32()),
+        pa.field("view", pa.string()),
+        pa.field("source", pa.string()),
+        pa.field("modality", pa.string()),
+        pa.field("body_part", pa.string()),
+        pa.field("photometric", pa.string()),
+        pa.field("bits_stored", pa.int16()),
+        pa.field("rows", pa.int32()),
+        pa.field("columns", pa.int32()),
+        pa.field("pixel_spacing_row", pa.float32()),
+        pa.field("pixel_spacing_col", pa.float32()),
+        pa.field("manufacturer", pa.string()),
+        pa.field("model_name", pa.string()),
+        pa.field("frames", pa.int32()),
+    ]
+)
+"""Every shard column but ``embedding`` and the identity columns, in file order."""
+
+ERRORS_SCHEMA = pa.schema(
+    [
+        pa.field("image_id", pa.string()),
+        pa.field("path", pa.string()),
+        pa.field("stage", pa.string()),
+        pa.field("reason", pa.string()),
+        pa.field("run_at", pa.timestamp("us", tz="UTC")),
+    ]
+)
+
+RESULT_SCHEMAS: dict[str, pa.Schema] = {
+    "predictions": pa.schema(
+        [
+            ("run_id", pa.string()),
+            ("arm", pa.string()),
+            ("classifier", pa.string()),
+            ("target", pa.string()),
+            ("fold", pa.int32()),
+            ("row_id", pa.int64()),
+            ("image_id", pa.string()),
+            ("probability", pa.float64()),
+            ("label", pa.int8()),
+        ]
+    ),
+    "metrics": pa.schema(
+        [
+            ("run_id", pa.string()),
+            ("arm", pa.string()),
+            ("classifier", pa.string()),
+            ("target", pa.string()),
+            ("fold", pa.int32()),
+            ("metric", pa.string()),
+            ("value", pa.float64()),
+            ("ci_low", pa.float64()),
+            ("ci_high", pa.float64()),
+        ]
+    ),
+    "runs": pa.schema(
+        [
+            ("run_id", pa.string()),
+            ("kind", pa.string()),
+            ("created_at", pa.timestamp("us", tz="UTC")),
+            ("params", pa.string()),
+            ("versions", pa.string()),
+            ("timings", pa.string()),
+        ]
+    ),
+}
+
+
+def shard_schema(dim: int) -> pa.Schema:
+    """The full schema of an embedding shard for ``dim``-dimensional embeddings."""
+    return pa.schema(
+        [
+            *METADATA_SCHEMA,
+            pa.field("embedding", pa.list_(pa.float32(), dim)),
+            *[pa.field(name, pa.string()) for name in IDENTITY_COLUMNS],
+        ]
+    )
