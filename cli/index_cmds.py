@@ -51,6 +51,9 @@ def index_cmd(
     cpus_per_worker: Annotated[
         float, typer.Option("--cpus-per-worker", min=0.01, help="--engine ray: CPUs per decode task / model actor.")
     ] = 1.0,
+    prune: Annotated[
+        bool, typer.Option("--prune", help="Remove stored rows whose image the source no longer lists (default: only report them).")
+    ] = False,
     json_out: JsonOpt = False,
 ) -> None:
     """Embed a dataset into a store (Parquet shards + FAISS index); rerun to resume or add new images.
@@ -64,7 +67,8 @@ def index_cmd(
 
     config = IndexConfig(dataset=dataset, model_dir=model_dir, device=device, precision=precision, batch_size=batch_size,
                          workers=workers, limit=limit, shard_size=shard_size, index=index, engine=engine,
-                         ray_address=address, gpus_per_worker=gpus_per_worker, cpus_per_worker=cpus_per_worker)
+                         ray_address=address, gpus_per_worker=gpus_per_worker, cpus_per_worker=cpus_per_worker,
+                         prune=prune)
     summary = run_index(source, store, config, progress=not json_out)
     if json_out:
         emit_json(summary)
@@ -75,6 +79,8 @@ def index_cmd(
             ("listed", summary.listed),
             ("already stored", summary.already_stored),
             ("embedded", summary.embedded),
+            ("updated", summary.updated),
+            ("missing from source", f"{summary.missing_from_source}" + (f" (pruned {summary.pruned})" if summary.pruned else "")),
             ("failed", f"{summary.failed} {summary.failures_by_stage or ''}".strip()),
             ("rows in store", summary.rows),
             ("index", summary.index_kind),
@@ -84,6 +90,8 @@ def index_cmd(
         ],
         title="cxr-embed index",
     )
+    for note in summary.notes:
+        info(note)
     if summary.failed:
         info(f"{summary.failed} input(s) failed; see `cxr-embed sql --store {summary.store} \"SELECT * FROM errors\"`.")
 
@@ -101,6 +109,7 @@ def info_cmd(store: StoreOpt, json_out: JsonOpt = False) -> None:
     rows = [
         ("path", details.path),
         ("model_id", details.model_id),
+        ("model_dir", details.model_dir),
         ("checkpoint_sha256", details.checkpoint_sha256),
         ("preprocess_fingerprint", details.preprocess_fingerprint),
         ("dim", details.dim),
@@ -120,10 +129,12 @@ def info_cmd(store: StoreOpt, json_out: JsonOpt = False) -> None:
 @store_app.command("validate")
 @handle_errors
 def validate_cmd(store: StoreOpt, json_out: JsonOpt = False) -> None:
-    """Check shards, row_ids, model identity and that the FAISS index holds exactly the Parquet vectors.
+    """Re-hash every file, re-read every shard, check row_ids, identity and that the FAISS index holds
+    exactly the Parquet vectors; one line per problem with what to do.
 
     Exits 1 when a check fails (warnings, such as orphan shards a killed run left, do not fail).
     """
+    from cxr_embed.errors import StoreDamagedError
     from cxr_embed.store import validate_store
 
     report = validate_store(store)
@@ -132,11 +143,17 @@ def validate_cmd(store: StoreOpt, json_out: JsonOpt = False) -> None:
     else:
         print_table([{"check": c.name, "status": c.status, "detail": c.detail} for c in report.checks],
                     title=f"{report.path}: {'OK' if report.ok else 'FAILED'}")
+        for problem in report.problems:
+            typer.echo(f"{problem.status.upper()}: {problem.name}: {problem.detail}. To fix: {problem.fix}.")
     if not report.ok:
-        raise typer.Exit(1)
+        failed = sum(c.status == "fail" for c in report.problems)
+        raise StoreDamagedError(f"store {report.path} failed {failed} check(s); see the lines above for what to do.")
 
 
 def register(app: typer.Typer) -> None:
     """Add ``index`` and the ``store`` group to ``app``."""
+    from cxr_embed_cli import store_cmds
+
+    store_cmds.register(store_app)
     app.command("index")(index_cmd)
     app.add_typer(store_app, name="store")

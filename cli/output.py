@@ -32,8 +32,8 @@ stderr = Console(stderr=True, soft_wrap=True)
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout instead of a table.")]
 StoreOpt = Annotated[
-    Path,
-    typer.Option("--store", "-s", help="Store directory (made by `cxr-embed index`).", envvar="CXR_EMBED_STORE"),
+    str,  # not Path: Path("s3://b/x") would become the local folder "s3:/b/x" and skip the object-store refusal
+    typer.Option("--store", "-s", help="Store directory or file:// URI (made by `cxr-embed index`).", envvar="CXR_EMBED_STORE"),
 ]
 ModelDirOpt = Annotated[
     Path | None,

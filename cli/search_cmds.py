@@ -62,9 +62,9 @@ def search(
     if image_id is not None:
         result = retrieval.search_by_ids(st, [image_id], k, where, exclude_same_patient)[0]
     else:
-        from cxr_embed.model import MedImageInsight
+        from cxr_embed.store import load_store_model
 
-        model = MedImageInsight.load(model_dir)
+        model = load_store_model(st, model_dir)  # the store's recorded model folder unless --model-dir
         if image is not None:
             pids = [patient_id] if patient_id is not None else None
             result = retrieval.search_by_images(st, model, [image], k, where, exclude_same_patient, pids)[0]

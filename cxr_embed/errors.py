@@ -71,3 +71,7 @@ class EvaluationError(CxrEmbedError):
 
 class DependencyError(CxrEmbedError):
     """An optional dependency is needed (e.g. ray, faiss-gpu); the message says what to install."""
+
+
+class StoreDamagedError(StoreError):
+    """A store file is missing, truncated, unreadable or does not match its recorded checksum."""

@@ -716,9 +716,9 @@ def predict_images(store, classifier: str, paths: Sequence[str | Path], *, model
     fitted, meta = load_model(store, classifier)
     store.check_compatible(meta["model_id"], meta["checkpoint_sha256"], meta["preprocess_fingerprint"])
     if model is None:
-        from cxr_embed.model import MedImageInsight
+        from cxr_embed.store import load_store_model
 
-        model = MedImageInsight.load(model_dir, device=device)
+        model = load_store_model(store, model_dir, device=device)
     store.check_compatible(model.model_id, model.checkpoint_sha256, model.preprocessor.fingerprint())
     out: list[ImagePrediction] = []
     for path in paths:

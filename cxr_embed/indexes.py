@@ -214,6 +214,24 @@ def read_index(path: Path) -> faiss.Index:
     return index
 
 
+def index_from_bytes(data: bytes) -> faiss.Index:
+    """Deserialise an index from the bytes of its file (already read and checksummed by the store).
+
+    Raises StoreError when the bytes are not a FAISS index.
+    """
+    try:
+        index = faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
+    except RuntimeError as exc:
+        raise StoreError(f"not a readable FAISS index ({str(exc).splitlines()[0][:120]})") from exc
+    _enable_reconstruct(index)
+    return index
+
+
+def index_to_bytes(index: faiss.Index) -> bytes:
+    """The bytes ``faiss.write_index`` would write (so the store can hash them before the write)."""
+    return faiss.serialize_index(index).tobytes()
+
+
 def to_gpu(index: faiss.Index) -> faiss.Index:
     """A GPU copy of ``index`` for searching, when faiss-gpu and a device are present; else ``index``.
 

@@ -36,7 +36,7 @@ from cxr_embed.errors import ConfigError, CxrEmbedError, DependencyError
 from cxr_embed.indexes import resolve_kind
 from cxr_embed.progress import progress_bar
 from cxr_embed.records import ImageRecord, ReadFailure, read_dataset
-from cxr_embed.store import Store, StoreWriter
+from cxr_embed.store import Store, StoreLock, StoreWriter
 
 if TYPE_CHECKING:
     import torch
@@ -65,6 +65,7 @@ class IndexConfig:
     ray_address: str | None = None  # --engine ray: None = $RAY_ADDRESS, else a new local instance
     gpus_per_worker: float | None = None  # --engine ray: GPUs per model actor (None: 1 when GPUs exist)
     cpus_per_worker: float = 1.0  # --engine ray: CPUs per decode task / actor
+    prune: bool = False  # remove stored rows whose image is no longer in the source
 
     def check(self) -> None:
         """Refuse impossible values before any work (ConfigError naming the flag)."""
@@ -106,6 +107,9 @@ class IndexSummary:
     images_per_s: float  # embedded / embed_seconds
     engine: str = "local"
     notes: list[str] = field(default_factory=list)
+    updated: int = 0  # stored rows whose metadata changed in the source (rewritten, not re-embedded)
+    missing_from_source: int = 0  # stored rows whose image the source no longer lists
+    pruned: int = 0  # of those, removed (--prune)
 
 
 def default_workers(device_type: str) -> int:
@@ -214,14 +218,20 @@ def run_index(source: str | Path, store_dir: str | Path, config: IndexConfig | N
     records = read_dataset(source, config.dataset, errors=read_failures)
     if config.limit is not None:
         records = records[: config.limit]
-    if model is None:
-        model = MedImageInsight.load(config.model_dir, device=config.device, precision=config.precision)
+    lock = StoreLock(store_dir).acquire()  # before the model loads: a second writer is refused at once
+    try:
+        if model is None:
+            model = MedImageInsight.load(config.model_dir, device=config.device, precision=config.precision)
+    except BaseException:
+        lock.release()
+        raise
     workers = default_workers(model.device.type) if config.workers is None else config.workers
     failures: list[ReadFailure] = list(read_failures)
-    with StoreWriter(store_dir, model_id=model.model_id, checkpoint_sha256=model.checkpoint_sha256,
-                     preprocess_fingerprint=model.preprocessor.fingerprint(), dim=model.embed_dim,
-                     index_kind=config.index) as writer:
+    with lock, StoreWriter(store_dir, model_id=model.model_id, checkpoint_sha256=model.checkpoint_sha256,
+                           preprocess_fingerprint=model.preprocessor.fingerprint(), dim=model.embed_dim,
+                           index_kind=config.index, model_dir=model.model_dir, lock=lock) as writer:
         todo = writer.pending(records)
+        writer.reconcile(records, prune=config.prune, complete=config.limit is None)
         writer.record_failures(read_failures)
         loader = make_loader(todo, model.preprocessor, batch_size=config.batch_size, workers=workers,
                              pin_memory=model.device.type == "cuda", prefetch=config.prefetch)
@@ -270,7 +280,10 @@ def summarize(store: Store, source: str | Path, model_id: str, device: str, prec
         embed_seconds=round(embed_seconds, 3),
         images_per_s=round(writer.rows_added / embed_seconds, 2) if writer.rows_added and embed_seconds > 0 else 0.0,
         engine=engine,
-        notes=notes or [],
+        notes=[*(notes or []), *writer.repairs],
+        updated=writer.reconciled.updated,
+        missing_from_source=writer.reconciled.missing_from_source,
+        pruned=writer.reconciled.pruned,
     )
 
 

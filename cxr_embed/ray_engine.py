@@ -323,8 +323,9 @@ def run_index_ray(source: str | Path, store_dir: str | Path, config: IndexConfig
     plan: PoolPlan | None = None
     with StoreWriter(store_path, model_id=model.model_id, checkpoint_sha256=model.checkpoint_sha256,
                      preprocess_fingerprint=model.preprocessor.fingerprint(), dim=model.embed_dim,
-                     index_kind=config.index) as writer:
+                     index_kind=config.index, model_dir=model.model_dir) as writer:
         todo = writer.pending(records)
+        writer.reconcile(records, prune=config.prune, complete=config.limit is None)
         writer.record_failures(read_failures)
         embed_seconds = 0.0
         if todo:

@@ -17,7 +17,7 @@ from cxr_embed_cli.main import app
 from typer.testing import CliRunner
 
 from cxr_embed.model import tiny_model_dir
-from cxr_embed.store import INDEX_DIR, INDEX_FILE, MANIFEST, Store
+from cxr_embed.store import MANIFEST, Store
 
 runner = CliRunner()
 
@@ -83,7 +83,7 @@ def test_store_info_and_validate_report_counts_and_agreement(tiny_store: Store) 
 def test_validate_exits_1_on_a_damaged_index(synthetic_store: Store, tmp_path: Path) -> None:
     dst = tmp_path / "store"
     shutil.copytree(synthetic_store.path, dst)
-    (dst / INDEX_DIR / INDEX_FILE).write_bytes(b"not a faiss index")
+    Store.open(dst).index_path.write_bytes(b"not a faiss index")
     result = runner.invoke(app, ["store", "validate", "--store", str(dst)])
     assert result.exit_code == 1 and "FAILED" in result.stdout
     result = runner.invoke(app, ["store", "info", "--store", str(tmp_path / "nowhere")])
