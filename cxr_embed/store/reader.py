@@ -30,7 +30,9 @@ from cxr_embed.atomicio import write_bytes_atomic, write_json_atomic
 from cxr_embed.errors import StoreDamagedError, StoreError, StoreMismatchError
 from cxr_embed.schema import ERRORS_SCHEMA, RESULT_SCHEMAS, shard_schema
 from cxr_embed.store.layout import (
+    LOCK_FILE,
     MANIFEST,
+    MANIFEST_LOCK,
     RESULTS_DIR,
     damaged,
     file_entry,
@@ -362,6 +364,13 @@ class Store:
                 f"lists {len(self.manifest['shards'])} shards holding {expected} rows: store.json was edited or is damaged; "
                 "restore it from a backup."
             )
+        for name in (LOCK_FILE, MANIFEST_LOCK):
+            lock = self.path / name
+            if (lock.exists() or lock.is_symlink()) and not lock.is_file():
+                raise StoreDamagedError(
+                    f"{lock} is not a regular file, so no writer can lock the store; remove it (`rm -r {lock}`) "
+                    "when no cxr-embed process is writing the store."
+                )
         for shard in self.manifest["shards"]:
             stat_check(self.path, shard, "shard")
         if self.manifest.get("errors_file"):

@@ -21,6 +21,8 @@ from cxr_embed.schema import IDENTITY_COLUMNS, RESULT_SCHEMAS
 from cxr_embed.store.info import value_counts
 from cxr_embed.store.layout import (
     EMBEDDINGS_DIR,
+    LOCK_FILE,
+    MANIFEST_LOCK,
     local_store_path,
     read_manifest,
     read_verified,
@@ -77,6 +79,17 @@ def validate_store(path: str | Path) -> ValidationReport:
     shards = manifest["shards"]
     total = sum(s["rows"] for s in shards)
     starts_ok = all(s["first_row_id"] == sum(t["rows"] for t in shards[:i]) for i, s in enumerate(shards))
+    locks = [
+        n
+        for n in (LOCK_FILE, MANIFEST_LOCK)
+        if ((root / n).exists() or (root / n).is_symlink()) and not (root / n).is_file()
+    ]
+    report.add(
+        "lock files",
+        not locks,
+        f"{locks or 'regular files'}",
+        fix=f"remove {' and '.join(str(root / n) for n in locks)} when no cxr-embed process is writing the store",
+    )
     report.add(
         "counts",
         total == len(store) and starts_ok,
