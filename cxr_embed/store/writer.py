@@ -298,7 +298,11 @@ class StoreWriter:
         self._require_open().check_layout()  # what cannot be repaired (edited counts) is still refused
 
     def _remove_orphans(self) -> None:
-        keep = referenced_files(self._require_open().manifest)
+        manifest = self._require_open().manifest
+        keep = referenced_files(manifest)
+        for rel in manifest.get("superseded", []):
+            if rel not in keep and _inside(self.path, rel):
+                (self.path / rel).unlink(missing_ok=True)
         candidates = [
             *(self.path / EMBEDDINGS_DIR).glob("*.parquet*"),
             *(self.path / INDEX_DIR).glob("*"),
@@ -348,12 +352,14 @@ class StoreWriter:
         if self.model_dir is not None:
             manifest["model_dir"] = self.model_dir  # the folder may have moved; same checksum, new place
         manifest["counts"]["shards"] = len(manifest["shards"])
+        keep = referenced_files(manifest)
+        # recorded in the commit itself, so a writer killed right after it still gets them deleted
+        # by the next one (a delete's superseded files hold the erased rows)
+        manifest["superseded"] = sorted({rel for rel in self._superseded if rel not in keep})
         commit_manifest(self.path, manifest, results_from_disk=results_from_disk, locked=locked)
         self.store = Store(self.path, manifest)
-        keep = referenced_files(manifest)
-        for rel in self._superseded:
-            if rel not in keep:
-                (self.path / rel).unlink(missing_ok=True)
+        for rel in manifest["superseded"]:
+            (self.path / rel).unlink(missing_ok=True)
         self._superseded = []
         return self.store
 
@@ -526,6 +532,11 @@ class StoreWriter:
         manifest["index"] = {"requested": requested, **dataclasses.asdict(info), **file_entry(rel, data)}
         if old and old.get("file"):
             self.supersede(old["file"])
+
+
+def _inside(root: Path, rel: str) -> bool:
+    """Whether ``rel`` names a file inside the store (an edited store.json must not make a writer delete elsewhere)."""
+    return isinstance(rel, str) and not Path(rel).is_absolute() and ".." not in Path(rel).parts and bool(rel)
 
 
 def _try_read_index(root: Path, entry: dict[str, Any]) -> faiss.Index | None:
