@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from cxr_embed.errors import CxrEmbedError
@@ -53,18 +54,22 @@ class DecodeDataset:
         return len(self.records)
 
     def __getitem__(self, i: int) -> tuple[int, torch.Tensor | ReadFailure]:
-        return i, decode_record(self.records[i], self.preprocessor)
+        record = self.records[i]
+        return i, decode_image(record.path, self.preprocessor, record.image_id)
 
 
-def decode_record(record: ImageRecord, preprocessor: Preprocessor) -> torch.Tensor | ReadFailure:
-    """One record → its uint8 resize output, or the ReadFailure that says why it cannot be used."""
+def decode_image(path: str | Path, preprocessor: Preprocessor, image_id: str | None = None) -> torch.Tensor | ReadFailure:
+    """One file → its uint8 (3, S, S) resize output, or the ReadFailure (stage "decode") saying why not.
+
+    ``image_id`` names the failure (default: the path), as the store's errors table does.
+    """
     from cxr_embed.imageio import read_image
 
     try:
-        return preprocessor.to_uint8(read_image(record.path))
+        return preprocessor.to_uint8(read_image(path))
     except Exception as exc:  # decoder boundary: whatever a bad file (or odd pixel data) raises is that file's failure
         reason = str(exc) if isinstance(exc, CxrEmbedError) else f"{type(exc).__name__}: {exc}"
-        return ReadFailure(record.image_id, record.path, DECODE_STAGE, reason)
+        return ReadFailure(image_id or str(path), str(path), DECODE_STAGE, reason)
 
 
 @dataclass

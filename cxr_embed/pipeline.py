@@ -225,7 +225,8 @@ class ShardBuffer:
         while len(self.records) >= self.shard_size:
             emb = np.concatenate(self.chunks)
             self.writer.append(self.records[: self.shard_size], emb[: self.shard_size])
-            self.records, self.chunks = self.records[self.shard_size :], [emb[self.shard_size :]]
+            rest = emb[self.shard_size :]
+            self.records, self.chunks = self.records[self.shard_size :], [rest] if len(rest) else []
 
     def flush(self) -> None:
         if self.records:

@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from cxr_embed import errors
-from cxr_embed.decode import decode_record
+from cxr_embed.decode import decode_image
 from cxr_embed.errors import ConfigError, CxrEmbedError, DependencyError, StoreMismatchError
 from cxr_embed.pipeline import EmbeddedBatch, IndexConfig, IndexSummary, ModelIdentity, run_job
 from cxr_embed.records import ImageRecord, ReadFailure
@@ -104,24 +104,18 @@ def plan_pool(resources: dict[str, float], device: str, gpus_per_worker: float |
 # ----------------------------------------------------------------------------- stages (run on Ray workers)
 
 
-def _path_record(path: str) -> ImageRecord:
-    """The minimal record :func:`decode_record` needs (it reads only ``.path``): keeps Ray rows small."""
-    return ImageRecord(image_id=path, path=path, patient_id=None, study=None, split=None, label=None,
-                       findings=None, sex=None, age=None, view=None, source="")
-
-
 def decode_batch(batch: dict[str, np.ndarray], preprocessor: Preprocessor) -> dict[str, np.ndarray]:
     """Stage 1 (CPU tasks): paths → uint8 resized pixels; a bad file fills ``stage``/``reason`` instead.
 
     Returns columns ``i``, ``pixels`` (B, 3, S, S) uint8 (zeros for failed rows), ``stage`` ("" when
-    the image decoded) and ``reason``. Uses :func:`cxr_embed.decode.decode_record`, so every engine
+    the image decoded) and ``reason``. Uses :func:`cxr_embed.decode.decode_image`, so every engine
     decodes and classifies failures identically.
     """
     n, size = len(batch["path"]), preprocessor.image_size
     pixels = np.zeros((n, 3, size, size), dtype=np.uint8)
     stage, reason = np.full(n, "", dtype=object), np.full(n, "", dtype=object)
     for k, path in enumerate(batch["path"]):
-        item = decode_record(_path_record(str(path)), preprocessor)
+        item = decode_image(str(path), preprocessor)
         if isinstance(item, ReadFailure):
             stage[k], reason[k] = item.stage, item.reason
         else:
