@@ -58,7 +58,9 @@ class DecodeDataset:
         return i, decode_image(record.path, self.preprocessor, record.image_id)
 
 
-def decode_image(path: str | Path, preprocessor: Preprocessor, image_id: str | None = None) -> torch.Tensor | ReadFailure:
+def decode_image(
+    path: str | Path, preprocessor: Preprocessor, image_id: str | None = None
+) -> torch.Tensor | ReadFailure:
     """One file → its uint8 (3, S, S) resize output, or the ReadFailure (stage "decode") saying why not.
 
     ``image_id`` names the failure (default: the path), as the store's errors table does.
@@ -67,7 +69,9 @@ def decode_image(path: str | Path, preprocessor: Preprocessor, image_id: str | N
 
     try:
         return preprocessor.to_uint8(read_image(path))
-    except Exception as exc:  # decoder boundary: whatever a bad file (or odd pixel data) raises is that file's failure
+    except (
+        Exception
+    ) as exc:  # decoder boundary: whatever a bad file (or odd pixel data) raises is that file's failure
         reason = str(exc) if isinstance(exc, CxrEmbedError) else f"{type(exc).__name__}: {exc}"
         return ReadFailure(image_id or str(path), str(path), DECODE_STAGE, reason)
 
@@ -108,9 +112,17 @@ def _worker_init(_: int) -> None:
     torch.set_num_threads(1)  # one decode per worker process; N workers already fill N cores
 
 
-def make_loader(records: Sequence[ImageRecord], preprocessor: Preprocessor, *, batch_size: int | None = None,
-                batches: Sequence[Sequence[int]] | None = None, workers: int = 0, pin_memory: bool = False,
-                prefetch: int = 2, seed: int | None = None) -> torch.utils.data.DataLoader:
+def make_loader(
+    records: Sequence[ImageRecord],
+    preprocessor: Preprocessor,
+    *,
+    batch_size: int | None = None,
+    batches: Sequence[Sequence[int]] | None = None,
+    workers: int = 0,
+    pin_memory: bool = False,
+    prefetch: int = 2,
+    seed: int | None = None,
+) -> torch.utils.data.DataLoader:
     """The ordered, parallel decode stage over ``records``, yielding :class:`DecodedBatch`.
 
     Give ``batch_size`` (consecutive batches in input order) or ``batches`` (explicit index lists).

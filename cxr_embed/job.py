@@ -20,8 +20,14 @@ if TYPE_CHECKING:
 __all__ = ["IndexConfig", "IndexSummary", "make_engine", "run_index"]
 
 
-def run_index(source: str | Path, store_dir: str | Path, config: IndexConfig | None = None, progress: bool = True,
-              *, model: MedImageInsight | None = None) -> IndexSummary:
+def run_index(
+    source: str | Path,
+    store_dir: str | Path,
+    config: IndexConfig | None = None,
+    progress: bool = True,
+    *,
+    model: MedImageInsight | None = None,
+) -> IndexSummary:
     """Embed every image under ``source`` that ``store_dir`` does not hold yet, then (re)index.
 
     ``model`` lets a caller pass an already loaded model to the local engine (benchmarks, notebooks);

@@ -41,7 +41,9 @@ def default_workers(device_type: str) -> int:
 
 def model_identity(model: MedImageInsight) -> ModelIdentity:
     """The identity a store made by ``model`` is stamped with."""
-    return ModelIdentity(model.model_id, model.checkpoint_sha256, model.preprocessor.fingerprint(), model.embed_dim)
+    return ModelIdentity(
+        model.model_id, model.checkpoint_sha256, model.preprocessor.fingerprint(), model.embed_dim
+    )
 
 
 class LocalEngine:
@@ -71,8 +73,14 @@ class LocalEngine:
         import torch
 
         model, on_cuda = self.model, self.model.device.type == "cuda"
-        loader = make_loader(todo, model.preprocessor, batch_size=self.config.batch_size, workers=self.workers,
-                             pin_memory=on_cuda, prefetch=self.config.prefetch)
+        loader = make_loader(
+            todo,
+            model.preprocessor,
+            batch_size=self.config.batch_size,
+            workers=self.workers,
+            pin_memory=on_cuda,
+            prefetch=self.config.prefetch,
+        )
         for batch in loader:
             if batch.pixels is None:
                 yield EmbeddedBatch([], _no_embeddings, batch.failures)

@@ -72,18 +72,26 @@ class IndexConfig:
         """Refuse impossible values before any work (ConfigError naming the flag)."""
         for name in ("batch_size", "shard_size", "prefetch"):
             if getattr(self, name) < 1:
-                raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}.")
+                raise ConfigError(
+                    f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}."
+                )
         if self.workers is not None and self.workers < 0:
-            raise ConfigError(f"--workers must be 0 (decode in the main process) or more, got {self.workers}.")
+            raise ConfigError(
+                f"--workers must be 0 (decode in the main process) or more, got {self.workers}."
+            )
         if self.limit is not None and self.limit < 0:
             raise ConfigError(f"--limit must be 0 or more, got {self.limit}.")
         if self.engine not in ENGINES:
             raise ConfigError(f"Unknown engine {self.engine!r}; use one of {', '.join(ENGINES)}.")
         if self.index is not None:
             resolve_kind(self.index, 0)
-        ray_only = self.ray_address is not None or self.gpus_per_worker is not None or self.cpus_per_worker != 1.0
+        ray_only = (
+            self.ray_address is not None or self.gpus_per_worker is not None or self.cpus_per_worker != 1.0
+        )
         if ray_only and self.engine != "ray":
-            raise ConfigError("--address, --gpus-per-worker and --cpus-per-worker only apply with --engine ray.")
+            raise ConfigError(
+                "--address, --gpus-per-worker and --cpus-per-worker only apply with --engine ray."
+            )
 
 
 @dataclass
@@ -153,8 +161,9 @@ class Engine(Protocol):
         ...
 
 
-def run_job(engine: Engine, source: str | Path, store_dir: str | Path, config: IndexConfig,
-            progress: bool = True) -> IndexSummary:
+def run_job(
+    engine: Engine, source: str | Path, store_dir: str | Path, config: IndexConfig, progress: bool = True
+) -> IndexSummary:
     """Embed every image under ``source`` that ``store_dir`` does not hold yet with ``engine``, then (re)index."""
     start = time.perf_counter()
     listing = list_source(source, config.dataset)
@@ -165,28 +174,62 @@ def run_job(engine: Engine, source: str | Path, store_dir: str | Path, config: I
         embed_seconds = 0.0
         with engine.session(todo) as batches:
             embed_start = time.perf_counter()  # engine start-up (joining a cluster) excluded
-            with progress_bar(len(todo), f"Embedding ({engine.name})", progress) as bar, \
-                    BackgroundWriter(writer, config.shard_size, engine.precision, bar) as sink:
+            with (
+                progress_bar(len(todo), f"Embedding ({engine.name})", progress) as bar,
+                BackgroundWriter(writer, config.shard_size, engine.precision, bar) as sink,
+            ):
                 for batch in batches:
                     sink.put(batch)
             embed_seconds = time.perf_counter() - embed_start if todo else 0.0
         store = writer.finalize()
     device, notes = engine.describe()
-    return summarize(store, source, engine.identity.model_id, device, engine.precision, listed=len(records),
-                     pending=len(todo), writer=writer, failures=listing.failures + sink.failures, start=start,
-                     embed_seconds=embed_seconds, engine=engine.name, notes=notes)
+    return summarize(
+        store,
+        source,
+        engine.identity.model_id,
+        device,
+        engine.precision,
+        listed=len(records),
+        pending=len(todo),
+        writer=writer,
+        failures=listing.failures + sink.failures,
+        start=start,
+        embed_seconds=embed_seconds,
+        engine=engine.name,
+        notes=notes,
+    )
 
 
-def open_writer(store_dir: str | Path, identity: ModelIdentity, listing: Listing, config: IndexConfig) -> StoreWriter:
+def open_writer(
+    store_dir: str | Path, identity: ModelIdentity, listing: Listing, config: IndexConfig
+) -> StoreWriter:
     """The store's one writer for this job: the single place the job creates it."""
-    return StoreWriter(store_dir, model_id=identity.model_id, checkpoint_sha256=identity.checkpoint_sha256,
-                       preprocess_fingerprint=identity.preprocess_fingerprint, dim=identity.dim,
-                       index_kind=config.index)
+    return StoreWriter(
+        store_dir,
+        model_id=identity.model_id,
+        checkpoint_sha256=identity.checkpoint_sha256,
+        preprocess_fingerprint=identity.preprocess_fingerprint,
+        dim=identity.dim,
+        index_kind=config.index,
+    )
 
 
-def summarize(store: Store, source: str | Path, model_id: str, device: str, precision: str, *, listed: int,
-              pending: int, writer: StoreWriter, failures: list[ReadFailure], start: float, embed_seconds: float,
-              engine: str, notes: list[str] | None = None) -> IndexSummary:
+def summarize(
+    store: Store,
+    source: str | Path,
+    model_id: str,
+    device: str,
+    precision: str,
+    *,
+    listed: int,
+    pending: int,
+    writer: StoreWriter,
+    failures: list[ReadFailure],
+    start: float,
+    embed_seconds: float,
+    engine: str,
+    notes: list[str] | None = None,
+) -> IndexSummary:
     """The final summary of one run, the same for every engine."""
     return IndexSummary(
         store=str(store.path),
@@ -204,7 +247,9 @@ def summarize(store: Store, source: str | Path, model_id: str, device: str, prec
         index_kind=store.index_kind,
         seconds=round(time.perf_counter() - start, 3),
         embed_seconds=round(embed_seconds, 3),
-        images_per_s=round(writer.rows_added / embed_seconds, 2) if writer.rows_added and embed_seconds > 0 else 0.0,
+        images_per_s=round(writer.rows_added / embed_seconds, 2)
+        if writer.rows_added and embed_seconds > 0
+        else 0.0,
         engine=engine,
         notes=notes or [],
     )
@@ -246,8 +291,14 @@ class BackgroundWriter:
     from the next ``put`` or from ``__exit__``, never lost.
     """
 
-    def __init__(self, writer: StoreWriter, shard_size: int, precision: str, bar: Progress,
-                 depth: int = WRITE_QUEUE_BATCHES):
+    def __init__(
+        self,
+        writer: StoreWriter,
+        shard_size: int,
+        precision: str,
+        bar: Progress,
+        depth: int = WRITE_QUEUE_BATCHES,
+    ):
         self.shards = ShardBuffer(writer, shard_size)
         self.writer = writer
         self.precision = precision
@@ -309,9 +360,16 @@ class BackgroundWriter:
         if batch.records:
             emb = batch.fetch_embeddings()
             finite = np.isfinite(emb).all(axis=1)
-            failures += [ReadFailure(r.image_id, r.path, "encode", f"non-finite embedding at {self.precision}; "
-                                     "retry with --precision fp32")
-                         for r, ok in zip(batch.records, finite, strict=True) if not ok]
+            failures += [
+                ReadFailure(
+                    r.image_id,
+                    r.path,
+                    "encode",
+                    f"non-finite embedding at {self.precision}; retry with --precision fp32",
+                )
+                for r, ok in zip(batch.records, finite, strict=True)
+                if not ok
+            ]
             self.shards.add([r for r, ok in zip(batch.records, finite, strict=True) if ok], emb[finite])
         self.writer.record_failures(failures)
         self.failures += failures

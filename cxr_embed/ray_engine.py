@@ -67,7 +67,9 @@ class PoolPlan:
         return f"{self.actors} model actor(s) on {self.device}, {gpus}{self.cpus_per_worker:g} CPU each"
 
 
-def plan_pool(resources: dict[str, float], device: str, gpus_per_worker: float | None, cpus_per_worker: float) -> PoolPlan:
+def plan_pool(
+    resources: dict[str, float], device: str, gpus_per_worker: float | None, cpus_per_worker: float
+) -> PoolPlan:
     """Size the actor pool from the cluster's resources (``ray.cluster_resources()``).
 
     GPUs: one actor per ``gpus_per_worker`` GPUs (default 1; 0.5 packs two models per GPU).
@@ -91,7 +93,9 @@ def plan_pool(resources: dict[str, float], device: str, gpus_per_worker: float |
             )
         return PoolPlan(int(gpus // per), "cuda", per, cpus_per_worker)
     if wants_cuda:
-        raise ConfigError(f"--device {device} conflicts with --gpus-per-worker 0; use --device cpu or give each actor a GPU.")
+        raise ConfigError(
+            f"--device {device} conflicts with --gpus-per-worker 0; use --device cpu or give each actor a GPU."
+        )
     if cpus_per_worker > max(1.0, cpus - 1):
         raise ConfigError(
             f"--cpus-per-worker {cpus_per_worker:g} leaves no CPU for decoding on a Ray cluster with {cpus:g} CPU(s); "
@@ -219,12 +223,21 @@ def _connect(ray: Any, address: str | None) -> bool:
     return True
 
 
-def _pipeline(ray: Any, todo: list[ImageRecord], model: MedImageInsight, plan: PoolPlan, config: IndexConfig) -> Any:
+def _pipeline(
+    ray: Any, todo: list[ImageRecord], model: MedImageInsight, plan: PoolPlan, config: IndexConfig
+) -> Any:
     """The Ray Data plan: input order preserved, so row_ids match the local engine's exactly."""
     rows = [{"i": i, "path": rec.path} for i, rec in enumerate(todo)]
-    ds = ray.data.from_items(rows, override_num_blocks=min(MAX_BLOCKS, math.ceil(len(rows) / config.batch_size)))
-    ds = ds.map_batches(decode_batch, batch_size=config.batch_size, batch_format="numpy",
-                        fn_kwargs={"preprocessor": model.preprocessor}, concurrency=config.workers or None)
+    ds = ray.data.from_items(
+        rows, override_num_blocks=min(MAX_BLOCKS, math.ceil(len(rows) / config.batch_size))
+    )
+    ds = ds.map_batches(
+        decode_batch,
+        batch_size=config.batch_size,
+        batch_format="numpy",
+        fn_kwargs={"preprocessor": model.preprocessor},
+        concurrency=config.workers or None,
+    )
     ds = ds.map_batches(
         EmbedActor,
         batch_size=config.batch_size,
@@ -232,8 +245,12 @@ def _pipeline(ray: Any, todo: list[ImageRecord], model: MedImageInsight, plan: P
         compute=ray.data.ActorPoolStrategy(size=plan.actors),
         num_gpus=plan.gpus_per_worker or None,
         num_cpus=plan.cpus_per_worker,
-        fn_constructor_kwargs={"model_dir": str(model.model_dir.resolve()), "device": plan.device, "precision": config.precision,
-                               "identity": _identity(model)},
+        fn_constructor_kwargs={
+            "model_dir": str(model.model_dir.resolve()),
+            "device": plan.device,
+            "precision": config.precision,
+            "identity": _identity(model),
+        },
     )
     ds.context.execution_options.preserve_order = True
     ds.context.enable_progress_bars = False  # our bar (images/s on stderr) replaces Ray's per-operator bars
@@ -312,7 +329,9 @@ class RayEngine:
         config, ray = self.config, self.ray
         started = _connect(ray, config.ray_address)
         try:
-            self.plan = plan_pool(ray.cluster_resources(), config.device, config.gpus_per_worker, config.cpus_per_worker)
+            self.plan = plan_pool(
+                ray.cluster_resources(), config.device, config.gpus_per_worker, config.cpus_per_worker
+            )
             check_precision(config.precision, torch.device(self.plan.device).type)  # here, not in every actor
             yield self._batches(_pipeline(ray, todo, self.model, self.plan, config), todo)
         finally:
@@ -328,14 +347,20 @@ class RayEngine:
         for batch in _results(self.ray, ds, self.config.prefetch):
             ok = batch["stage"] == ""
             recs = [todo[int(i)] for i in batch["i"]]
-            failed = [ReadFailure(r.image_id, r.path, str(s), str(why))
-                      for r, s, why, good in zip(recs, batch["stage"], batch["reason"], ok, strict=True) if not good]
+            failed = [
+                ReadFailure(r.image_id, r.path, str(s), str(why))
+                for r, s, why, good in zip(recs, batch["stage"], batch["reason"], ok, strict=True)
+                if not good
+            ]
             emb = np.asarray(batch["embedding"])[ok]
-            yield EmbeddedBatch([r for r, good in zip(recs, ok, strict=True) if good], lambda emb=emb: emb, failed)
+            yield EmbeddedBatch(
+                [r for r, good in zip(recs, ok, strict=True) if good], lambda emb=emb: emb, failed
+            )
 
 
-def run_index_ray(source: str | Path, store_dir: str | Path, config: IndexConfig | None = None, *,
-                  progress: bool = True) -> IndexSummary:
+def run_index_ray(
+    source: str | Path, store_dir: str | Path, config: IndexConfig | None = None, *, progress: bool = True
+) -> IndexSummary:
     """:func:`cxr_embed.job.run_index` with the Ray engine (same inputs, store and resume semantics)."""
     config = config or IndexConfig(engine="ray")
     config.check()

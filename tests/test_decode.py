@@ -31,7 +31,9 @@ def test_decode_gives_the_resize_output_that_preprocessing_normalises(synth_cxr1
     assert torch.equal(pre.normalize(pixels), pre(Image.open(path)))
 
 
-def test_loader_keeps_order_and_returns_bad_files_as_decode_failures(synth_cxr14: Path, tmp_path: Path) -> None:
+def test_loader_keeps_order_and_returns_bad_files_as_decode_failures(
+    synth_cxr14: Path, tmp_path: Path
+) -> None:
     src = tmp_path / "src"
     shutil.copytree(synth_cxr14, src)
     records = read_dataset(src)[:6]

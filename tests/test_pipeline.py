@@ -36,8 +36,12 @@ class ArrayEngine:
     precision = "fp32"
     identity = IDENTITY
 
-    def __init__(self, batch: int = 2, fetch: Callable[[int, list[ImageRecord]], np.ndarray] | None = None,
-                 fail_after: int | None = None):
+    def __init__(
+        self,
+        batch: int = 2,
+        fetch: Callable[[int, list[ImageRecord]], np.ndarray] | None = None,
+        fail_after: int | None = None,
+    ):
         self.batch, self.fetch, self.fail_after = batch, fetch or (lambda k, recs: vectors(recs)), fail_after
         self.produced = 0
 
@@ -63,7 +67,13 @@ def run(engine: ArrayEngine, source: Path, store: Path, **config) -> object:
 
 def test_all_rows_committed_in_listing_order_with_one_summary(synth_cxr14: Path, tmp_path: Path) -> None:
     summary = run(ArrayEngine(batch=3), synth_cxr14, tmp_path / "s", limit=7, shard_size=4)
-    assert (summary.engine, summary.listed, summary.embedded, summary.rows, summary.failed) == ("test", 7, 7, 7, 0)
+    assert (summary.engine, summary.listed, summary.embedded, summary.rows, summary.failed) == (
+        "test",
+        7,
+        7,
+        7,
+        0,
+    )
     store = Store.open(tmp_path / "s")
     records = store.metadata(["image_id"]).column("image_id").to_pylist()
     assert [s["rows"] for s in store.manifest["shards"]] == [4, 3]
@@ -72,11 +82,24 @@ def test_all_rows_committed_in_listing_order_with_one_summary(synth_cxr14: Path,
 
 
 def _rec(image_id: str) -> ImageRecord:
-    return ImageRecord(image_id=image_id, path="", patient_id=None, study=None, split=None, label=None, findings=None,
-                       sex=None, age=None, view=None, source="")
+    return ImageRecord(
+        image_id=image_id,
+        path="",
+        patient_id=None,
+        study=None,
+        split=None,
+        label=None,
+        findings=None,
+        sex=None,
+        age=None,
+        view=None,
+        source="",
+    )
 
 
-def test_non_finite_embeddings_become_encode_failures_and_the_run_continues(synth_cxr14: Path, tmp_path: Path) -> None:
+def test_non_finite_embeddings_become_encode_failures_and_the_run_continues(
+    synth_cxr14: Path, tmp_path: Path
+) -> None:
     def fetch(k: int, recs: list[ImageRecord]) -> np.ndarray:
         emb = vectors(recs)
         if k == 1:
@@ -86,14 +109,18 @@ def test_non_finite_embeddings_become_encode_failures_and_the_run_continues(synt
     summary = run(ArrayEngine(fetch=fetch), synth_cxr14, tmp_path / "s", limit=6)
     assert (summary.embedded, summary.failures_by_stage, summary.rows) == (5, {"encode": 1}, 5)
     errors = Store.open(tmp_path / "s").errors().to_pylist()
-    assert [e["stage"] for e in errors] == ["encode"] and "non-finite embedding at fp32" in errors[0]["reason"]
+    assert [e["stage"] for e in errors] == ["encode"] and "non-finite embedding at fp32" in errors[0][
+        "reason"
+    ]
 
 
 def test_a_write_error_on_the_writer_thread_stops_the_job_and_committed_shards_stay(
     synth_cxr14: Path, tmp_path: Path
 ) -> None:
     def fetch(k: int, recs: list[ImageRecord]) -> np.ndarray:
-        return np.ones((len(recs), DIM + 1), np.float32) if k == 2 else vectors(recs)  # wrong width at batch 2
+        return (
+            np.ones((len(recs), DIM + 1), np.float32) if k == 2 else vectors(recs)
+        )  # wrong width at batch 2
 
     with pytest.raises(StoreError, match="embeddings of shape"):
         run(ArrayEngine(fetch=fetch), synth_cxr14, tmp_path / "s", limit=10)
@@ -104,7 +131,9 @@ def test_a_write_error_on_the_writer_thread_stops_the_job_and_committed_shards_s
     assert validate_store(tmp_path / "s").ok
 
 
-def test_a_failed_device_copy_is_raised_even_while_the_job_waits_on_a_full_queue(synth_cxr14: Path, tmp_path: Path) -> None:
+def test_a_failed_device_copy_is_raised_even_while_the_job_waits_on_a_full_queue(
+    synth_cxr14: Path, tmp_path: Path
+) -> None:
     def fetch(k: int, recs: list[ImageRecord]) -> np.ndarray:
         raise RuntimeError("CUDA error: an illegal memory access was encountered")
 
@@ -115,7 +144,9 @@ def test_a_failed_device_copy_is_raised_even_while_the_job_waits_on_a_full_queue
     assert len(Store.open(tmp_path / "s", check_index=False)) == 0
 
 
-def test_an_engine_error_stops_the_writer_without_committing_a_partial_shard(synth_cxr14: Path, tmp_path: Path) -> None:
+def test_an_engine_error_stops_the_writer_without_committing_a_partial_shard(
+    synth_cxr14: Path, tmp_path: Path
+) -> None:
     with pytest.raises(RuntimeError, match="engine lost its device"):
         run(ArrayEngine(batch=2, fail_after=3), synth_cxr14, tmp_path / "s", limit=12, shard_size=4)
     store = Store.open(tmp_path / "s", check_index=False)
