@@ -711,7 +711,8 @@ def predict_images(store, classifier: str, paths: Sequence[str | Path], *, model
     ``Store.check_compatible`` refuses anything else. An unreadable image gets an ``error`` and
     the others are still scored. Returns the predictions and the classifier's metadata.
     """
-    from cxr_embed.errors import InputError
+    from cxr_embed.decode import decode_image
+    from cxr_embed.records import ReadFailure
 
     fitted, meta = load_model(store, classifier)
     store.check_compatible(meta["model_id"], meta["checkpoint_sha256"], meta["preprocess_fingerprint"])
@@ -722,11 +723,11 @@ def predict_images(store, classifier: str, paths: Sequence[str | Path], *, model
     store.check_compatible(model.model_id, model.checkpoint_sha256, model.preprocessor.fingerprint())
     out: list[ImagePrediction] = []
     for path in paths:
-        try:
-            emb = model.embed_paths([path])
-        except InputError as exc:
-            out.append(ImagePrediction(str(path), None, {}, str(exc)))
+        pixels = decode_image(path, model.preprocessor)
+        if isinstance(pixels, ReadFailure):
+            out.append(ImagePrediction(str(path), None, {}, pixels.reason))
             continue
+        emb = model.encode_images(model.preprocessor.normalize(pixels[None])).numpy()
         prob = fitted.predict_proba(emb)
         calls = {k: bool(v[0]) for k, v in fitted.decisions(prob).items()}
         out.append(ImagePrediction(str(path), float(prob[0]), calls))
