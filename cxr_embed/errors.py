@@ -61,6 +61,10 @@ class StoreMismatchError(StoreError):
     """Embeddings from another model or preprocessing would be mixed into a store."""
 
 
+class StoreIdentityError(StoreError):
+    """A resume or append would mix sources listed differently (e.g. another de-identification key)."""
+
+
 class QueryError(CxrEmbedError):
     """A SQL query or ``--where`` predicate is malformed or not allowed (writes are refused)."""
 

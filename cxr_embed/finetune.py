@@ -738,7 +738,7 @@ def _run_identity(out: Path, resume: bool) -> tuple[str, str]:
 
 def _setup(config: FineTuneConfig, resume: bool) -> _Run:
     from cxr_embed.model import MedImageInsight
-    from cxr_embed.records import read_dataset
+    from cxr_embed.readers import read_dataset
 
     out = Path(config.out)
     started = time.perf_counter()

@@ -34,8 +34,9 @@ import numpy as np
 
 from cxr_embed.errors import ConfigError, CxrEmbedError, DependencyError
 from cxr_embed.indexes import resolve_kind
+from cxr_embed.listing import failure_for, list_source
 from cxr_embed.progress import progress_bar
-from cxr_embed.records import ImageRecord, ReadFailure, read_dataset
+from cxr_embed.records import ImageRecord, ReadFailure
 from cxr_embed.store import Store, StoreWriter
 
 if TYPE_CHECKING:
@@ -65,6 +66,8 @@ class IndexConfig:
     ray_address: str | None = None  # --engine ray: None = $RAY_ADDRESS, else a new local instance
     gpus_per_worker: float | None = None  # --engine ray: GPUs per model actor (None: 1 when GPUs exist)
     cpus_per_worker: float = 1.0  # --engine ray: CPUs per decode task / actor
+    reader_options: dict[str, Any] = field(default_factory=dict)  # the reader's options (cli/reader_opts.py)
+    link_file: Path | None = None  # DICOM: where reference -> file rows are written (outside the store)
 
     def check(self) -> None:
         """Refuse impossible values before any work (ConfigError naming the flag)."""
@@ -140,9 +143,9 @@ class DecodeDataset:
     def __getitem__(self, i: int) -> tuple[int, Any]:
         from cxr_embed.imageio import read_image
 
-        path = self.records[i].path
+        record = self.records[i]
         try:
-            img = read_image(path)
+            img = read_image(record.path, record.frame)
         except Exception as exc:  # decoder boundary: whatever a bad file raises, it is that file's failure
             return i, FailedItem("decode", _reason(exc))
         try:
@@ -210,8 +213,9 @@ def run_index(source: str | Path, store_dir: str | Path, config: IndexConfig | N
     from cxr_embed.model import MedImageInsight
 
     start = time.perf_counter()
-    read_failures: list[ReadFailure] = []
-    records = read_dataset(source, config.dataset, errors=read_failures)
+    listing = list_source(source, config.dataset, options=config.reader_options, link_file=config.link_file,
+                          cache_dir=Path(store_dir).expanduser() / "cache", progress=progress)
+    records, read_failures = listing.records, listing.failures
     if config.limit is not None:
         records = records[: config.limit]
     if model is None:
@@ -220,7 +224,7 @@ def run_index(source: str | Path, store_dir: str | Path, config: IndexConfig | N
     failures: list[ReadFailure] = list(read_failures)
     with StoreWriter(store_dir, model_id=model.model_id, checkpoint_sha256=model.checkpoint_sha256,
                      preprocess_fingerprint=model.preprocessor.fingerprint(), dim=model.embed_dim,
-                     index_kind=config.index) as writer:
+                     index_kind=config.index, identity=listing.identity or None) as writer:
         todo = writer.pending(records)
         writer.record_failures(read_failures)
         loader = make_loader(todo, model.preprocessor, batch_size=config.batch_size, workers=workers,
@@ -229,12 +233,12 @@ def run_index(source: str | Path, store_dir: str | Path, config: IndexConfig | N
         batcher = ShardBuffer(writer, config.shard_size)
         with progress_bar(len(todo), "Embedding", progress) as bar, torch.inference_mode():
             for batch in loader:
-                failed = [ReadFailure(todo[i].image_id, todo[i].path, stage, reason) for i, stage, reason in batch["failed"]]
+                failed = [failure_for(todo[i], stage, reason) for i, stage, reason in batch["failed"]]
                 if batch["pixels"] is not None:
                     recs = [todo[i] for i in batch["indices"]]
                     emb = model.encode_images(batch["pixels"].to(model.device, non_blocking=True)).numpy()
                     finite = np.isfinite(emb).all(axis=1)
-                    failed += [ReadFailure(r.image_id, r.path, "encode", f"non-finite embedding at {model.precision}; "
+                    failed += [failure_for(r, "encode", f"non-finite embedding at {model.precision}; "
                                "retry with --precision fp32") for r, ok in zip(recs, finite, strict=True) if not ok]
                     batcher.add([r for r, ok in zip(recs, finite, strict=True) if ok], emb[finite])
                 writer.record_failures(failed)

@@ -41,8 +41,9 @@ import numpy as np
 from cxr_embed import errors
 from cxr_embed.errors import ConfigError, CxrEmbedError, DependencyError, StoreMismatchError
 from cxr_embed.job import DecodeDataset, FailedItem, IndexConfig, IndexSummary, ShardBuffer, summarize
+from cxr_embed.listing import failure_for, list_source
 from cxr_embed.progress import progress_bar
-from cxr_embed.records import ImageRecord, ReadFailure, read_dataset
+from cxr_embed.records import ImageRecord, ReadFailure
 from cxr_embed.store import StoreWriter, local_store_path
 
 if TYPE_CHECKING:
@@ -314,8 +315,9 @@ def run_index_ray(source: str | Path, store_dir: str | Path, config: IndexConfig
     ray = _import_ray()
     store_path = local_store_path(store_dir)
     start = time.perf_counter()
-    read_failures: list[ReadFailure] = []
-    records = read_dataset(source, config.dataset, errors=read_failures)
+    listing = list_source(source, config.dataset, options=config.reader_options, link_file=config.link_file,
+                          cache_dir=store_path / "cache", progress=progress)
+    records, read_failures = listing.records, listing.failures
     if config.limit is not None:
         records = records[: config.limit]
     model = describe_model(config.model_dir)
@@ -323,7 +325,7 @@ def run_index_ray(source: str | Path, store_dir: str | Path, config: IndexConfig
     plan: PoolPlan | None = None
     with StoreWriter(store_path, model_id=model.model_id, checkpoint_sha256=model.checkpoint_sha256,
                      preprocess_fingerprint=model.preprocessor.fingerprint(), dim=model.embed_dim,
-                     index_kind=config.index) as writer:
+                     index_kind=config.index, identity=listing.identity or None) as writer:
         todo = writer.pending(records)
         writer.record_failures(read_failures)
         embed_seconds = 0.0
@@ -354,7 +356,7 @@ def _embed(ray: Any, ds: Any, todo: list[ImageRecord], writer: StoreWriter, conf
         for batch in _results(ray, ds, config.prefetch):
             ok = batch["stage"] == ""
             recs = [todo[int(i)] for i in batch["i"]]
-            failed = [ReadFailure(r.image_id, r.path, str(s), str(why))
+            failed = [failure_for(r, str(s), str(why))
                       for r, s, why, good in zip(recs, batch["stage"], batch["reason"], ok, strict=True) if not good]
             shards.add([r for r, good in zip(recs, ok, strict=True) if good], np.asarray(batch["embedding"])[ok])
             writer.record_failures(failed)

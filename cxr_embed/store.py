@@ -43,7 +43,7 @@ import pyarrow.parquet as pq
 
 from cxr_embed import indexes
 from cxr_embed.atomicio import atomic_path, write_json_atomic, write_parquet_atomic
-from cxr_embed.errors import ConfigError, StoreError, StoreLockedError, StoreMismatchError
+from cxr_embed.errors import ConfigError, StoreError, StoreIdentityError, StoreLockedError, StoreMismatchError
 from cxr_embed.records import FINDINGS, ImageRecord, ReadFailure
 from cxr_embed.schema import ERRORS_SCHEMA, IDENTITY_COLUMNS, METADATA_SCHEMA, RESULT_SCHEMAS, shard_schema
 
@@ -190,7 +190,7 @@ class Store:
             raise StoreError(f"{root} is already a store. Open it with Store.open (or rerun `cxr-embed index` to add to it).")
         if root.exists() and not root.is_dir():
             raise StoreError(f"{root} is a file, not a directory. Choose a new directory for the store.")
-        leftovers = [p.name for p in root.iterdir() if p.name not in (LOCK_FILE, EMBEDDINGS_DIR)] if root.exists() else []
+        leftovers = [p.name for p in root.iterdir() if p.name not in (LOCK_FILE, EMBEDDINGS_DIR, "cache")] if root.exists() else []
         if leftovers:
             raise StoreError(
                 f"{root} is not empty and is not a cxr-embed store (found {', '.join(sorted(leftovers)[:3])}). "
@@ -490,8 +490,10 @@ class StoreWriter:
         preprocess_fingerprint: str,
         dim: int,
         index_kind: str | None = None,
+        identity: dict[str, str] | None = None,
     ):
         self.path = local_store_path(path)
+        self.source_identity = dict(identity or {})  # e.g. the DICOM key fingerprint; kept across resumes
         self.identity = {"model_id": model_id, "checkpoint_sha256": checkpoint_sha256, "preprocess_fingerprint": preprocess_fingerprint}
         self.dim = int(dim)
         if index_kind is not None:
@@ -527,6 +529,10 @@ class StoreWriter:
                     raise StoreMismatchError(f"Store {self.path} holds {store.dim}-dim embeddings, the model makes {self.dim}-dim ones.")
             else:
                 store = Store.create(self.path, dim=self.dim, **self.identity)
+                if self.source_identity:
+                    store.manifest["identity"] = self.source_identity
+                    write_json_atomic(store.manifest, self.path / MANIFEST)
+            _check_source_identity(store, self.source_identity)
             self.store = store
             self._remove_orphans()
             self._stored = set(store.metadata(["image_id"]).column("image_id").to_pylist())
@@ -685,6 +691,24 @@ class StoreWriter:
             return info
         _save_index(index, info, index_dir)
         return info
+
+
+def _check_source_identity(store: Store, identity: dict[str, str]) -> None:
+    """Refuse a resume/append whose source identity (e.g. de-identification key) differs from the store's."""
+    recorded = store.manifest.get("identity") or {}
+    if recorded == identity or (not identity and not recorded):
+        return
+    if "id_key_fingerprint" in recorded or "id_key_fingerprint" in identity:
+        raise StoreIdentityError(
+            f"Store {store.path} was made with the de-identification key fingerprinted "
+            f"{recorded.get('id_key_fingerprint', '(none)')}, but this run uses "
+            f"{identity.get('id_key_fingerprint', '(none)')}: its pseudonyms would not match (a patient would "
+            "become two). Run with the store's key (--key-file or $CXR_EMBED_ID_SALT), or index into a new store."
+        )
+    raise StoreIdentityError(
+        f"Store {store.path} was listed with {recorded or 'no source identity'}, this run with "
+        f"{identity or 'none'}; index into a new store instead."
+    )
 
 
 def _try_read_index(path: Path, expected: int) -> faiss.Index | None:

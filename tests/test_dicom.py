@@ -15,7 +15,7 @@ from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, RLELossless, g
 from cxr_embed.errors import DicomError
 from cxr_embed.imageio import read_image
 from cxr_embed.readers.dicom import apply_window, pseudonym
-from cxr_embed.records import read_dataset
+from cxr_embed.readers import read_dataset
 
 IDENTIFYING = {
     "PatientName": "DOE^JANE",

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from cxr_embed.errors import ConfigError, InputError
-from cxr_embed.records import FINDINGS, ImageRecord, ReadFailure, detect_dataset, read_dataset
+from cxr_embed.readers import detect_dataset, read_dataset
+from cxr_embed.records import FINDINGS, ImageRecord, ReadFailure
 
 
 def test_contract_types() -> None:

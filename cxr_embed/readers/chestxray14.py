@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from cxr_embed.errors import ConfigError, CsvFormatError, InputError
-from cxr_embed.records import FINDINGS, FailureSink, ImageRecord, ReadFailure
+from cxr_embed.records import FINDINGS, FailureSink, ImageRecord, ReadFailure, parse_age, parse_sex
 
 DATA_ENTRY_NAMES = ("Data_Entry_2017_v2020.csv", "Data_Entry_2017.csv")
 SPLIT_FILES = {"train": "train_val_list.txt", "test": "test_list.txt"}
@@ -282,21 +282,6 @@ def _int_or_none(values: list[str], index: int | None, name: str) -> int | None:
         return int(values[index])
     except ValueError:
         raise ValueError(f"{name} {values[index]!r} is not an integer") from None
-
-
-def parse_sex(text: str) -> str | None:
-    text = text.upper()
-    return text if text in ("M", "F") else None
-
-
-def parse_age(text: str) -> float | None:
-    """Ages appear as ``58`` (v2020) or ``058Y`` / ``006M`` (early releases)."""
-    if not text:
-        return None
-    match = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([YMWD]?)", text.upper())
-    if match is None:
-        raise ValueError(f"Patient Age {text!r} is not a number")
-    return float(match.group(1)) / {"": 1, "Y": 1, "M": 12, "W": 52.1775, "D": 365.25}[match.group(2)]
 
 
 def read_split_lists(root: Path) -> dict[str, str]:
