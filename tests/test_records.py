@@ -18,7 +18,7 @@ def test_contract_types() -> None:
     assert [f.name for f in dataclasses.fields(ImageRecord)] == [
         "image_id", "path", "patient_id", "study", "split", "label", "findings", "sex", "age", "view", "source",
         "stored_path", "modality", "body_part", "photometric", "bits_stored", "rows", "columns",
-        "pixel_spacing_row", "pixel_spacing_col", "manufacturer", "model_name", "frames",
+        "pixel_spacing_row", "pixel_spacing_col", "manufacturer", "model_name", "frames", "frame",
     ]  # fmt: skip
     assert [f.name for f in dataclasses.fields(ReadFailure)] == ["image_id", "path", "stage", "reason"]
 

@@ -74,8 +74,8 @@ def detect_dataset(root: Path) -> str:
     than guessed: the DICOM reader would leave the PNGs out and the folder reader would store the
     DICOMs' paths un-pseudonymised, so the user must choose (or split the folder).
     """
+    from cxr_embed.imageio import is_dicom_file
     from cxr_embed.readers.chestxray14 import find_data_entry
-    from cxr_embed.readers.dicom import is_dicom_file
 
     if root.is_file():
         if root.suffix.lower() == ".csv" and root.name.startswith("Data_Entry"):

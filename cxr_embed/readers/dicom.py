@@ -25,6 +25,7 @@ from pathlib import Path
 
 from cxr_embed.errors import ConfigError, DicomError, InputError
 from cxr_embed.imageio import read_dicom_image
+from cxr_embed.readers import PLAIN_IMAGE_SUFFIXES
 from cxr_embed.readers.deid import IdKey, load_key
 from cxr_embed.readers.dicom_headers import HeaderEntry, HeaderStats, list_headers
 from cxr_embed.readers.folder import LABEL_CSV, choose_columns, read_label_csv, record_from_row
@@ -138,6 +139,8 @@ def list_dicom(
                            stats=out.stats)  # fmt: skip
     kept: list[tuple[Path, str, HeaderEntry]] = []
     for path, ref, entry in zip(files, refs, entries, strict=True):
+        if entry.kind == "not_dicom" and path.suffix.lower() not in PLAIN_IMAGE_SUFFIXES:
+            continue  # not an image at all (a README, an XML manifest): not an input, like in the folder reader
         if entry.kind != "image":
             stage = "not_dicom" if entry.kind == "not_dicom" else "dicom"
             out.failures.append(ReadFailure(entry.uid or ref, ref, stage, entry.reason or entry.kind))

@@ -126,7 +126,7 @@ def read(
                     f"{csv_path} line {line_no} ({rel}): {exc}. Fix or remove that row.", str(csv_path)
                 ),
             )
-    for rel in sorted(set(images) - listed):
+    for rel in sorted(set(images) - set(listed)):
         sink.report(
             ReadFailure(
                 rel, str(images[rel]), "unlisted", f"image on disk but not listed in {csv_path.name}"
