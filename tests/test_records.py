@@ -54,5 +54,5 @@ def test_bad_arguments(tmp_path: Path) -> None:
         read_dataset(tmp_path / "nowhere")
     with pytest.raises(ConfigError, match="Unknown dataset kind"):
         read_dataset(tmp_path, "nifti")
-    with pytest.raises(ConfigError, match="no option no_such_option; it takes"):
+    with pytest.raises(ConfigError, match="no option --no-such-option .it takes"):
         read_dataset(tmp_path, "folder", no_such_option=1)

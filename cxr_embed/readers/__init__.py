@@ -46,8 +46,12 @@ def resolve_source(source: str | Path, dataset: str, options: dict[str, Any]) ->
     accepted = set(inspect.signature(reader_for(kind)).parameters) - {"root", "errors"}
     unknown = sorted(set(options) - accepted)
     if unknown:
+        def flag(name: str) -> str:
+            return "--" + name.replace("_", "-")
+
         raise ConfigError(
-            f"The {kind} reader has no option {', '.join(unknown)}; it takes {', '.join(sorted(accepted))}."
+            f"The {kind} reader has no option {', '.join(map(flag, unknown))} (it takes "
+            f"{', '.join(map(flag, sorted(accepted)))}); leave it out, or choose another --dataset."
         )
     return root.resolve(), kind
 
