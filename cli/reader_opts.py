@@ -75,7 +75,9 @@ def reader_options(given: dict[str, Any]) -> dict[str, Any]:
     for name, value in given.items():
         if name == "link_file" or value in (None, False, [], ()):
             continue
-        out[name] = str(value) if isinstance(value, Path) else list(value) if isinstance(value, list) else value
+        out[name] = (
+            str(value) if isinstance(value, Path) else list(value) if isinstance(value, list) else value
+        )
     return out
 
 

@@ -17,8 +17,8 @@ from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, RLELossless, g
 
 from cxr_embed.errors import ConfigError, DicomError
 from cxr_embed.imageio import apply_window, read_image
-from cxr_embed.readers.deid import stretch
 from cxr_embed.readers import read_dataset
+from cxr_embed.readers.deid import stretch
 
 IDENTIFYING = {
     "PatientName": "DOE^JANE",
@@ -172,7 +172,9 @@ def test_records_carry_no_identifying_field(tmp_path: Path) -> None:
     uid = make_dicom(src / "x.dcm", RAMP12)
     (record,) = read_dataset(src, key_file=key_file)
     key = stretch(KEY.encode(), "test")
-    assert record.image_id == key.uid(uid) and record.image_id.startswith("2.25.") and record.source == "dicom"
+    assert (
+        record.image_id == key.uid(uid) and record.image_id.startswith("2.25.") and record.source == "dicom"
+    )
     assert (record.sex, record.age, record.view, record.study, record.modality) == ("F", 63.0, "PA", 0, "DX")
     assert record.patient_id == key.patient("MRN-0001") and "MRN" not in record.patient_id
     assert record.stored_path == key.reference(b"x.dcm") and record.path == str(src / "x.dcm")

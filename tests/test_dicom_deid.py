@@ -40,9 +40,18 @@ IDENTIFYING = {
 }  # fmt: skip
 
 
-def write_dicom(path: Path, n: int, *, modality: str = "DX", frames: int = 1, patient: str = "CANARY-77654033",
-                sop: str | None = None, burned_in: str | None = None, body_part: str | None = "CHEST",
-                pixels: bytes | None = None) -> str:
+def write_dicom(
+    path: Path,
+    n: int,
+    *,
+    modality: str = "DX",
+    frames: int = 1,
+    patient: str = "CANARY-77654033",
+    sop: str | None = None,
+    burned_in: str | None = None,
+    body_part: str | None = "CHEST",
+    pixels: bytes | None = None,
+) -> str:
     """A small 12-bit DICOM whose every identifying attribute carries a canary; returns its SOP UID."""
     path.parent.mkdir(parents=True, exist_ok=True)
     ds = Dataset()
@@ -106,7 +115,18 @@ def test_phi_canary_end_to_end_through_the_cli(tmp_path: Path, monkeypatch: pyte
     files = canary_corpus(src)
     config_home = tmp_path / "config"
     env = {"CXR_EMBED_MODEL_DIR": str(tiny_model_dir()), "XDG_CONFIG_HOME": str(config_home)}
-    args = ["index", str(src), "--store", str(store), "--device", "cpu", "--workers", "0", "--link-file", str(links)]
+    args = [
+        "index",
+        str(src),
+        "--store",
+        str(store),
+        "--device",
+        "cpu",
+        "--workers",
+        "0",
+        "--link-file",
+        str(links),
+    ]
     first = runner.invoke(app, [*args, "--json"], env=env)
     assert first.exit_code == 0, first.output
     summary = json.loads(first.stdout)
@@ -134,7 +154,11 @@ def test_phi_canary_end_to_end_through_the_cli(tmp_path: Path, monkeypatch: pyte
     other = tmp_path / "other.key"
     other.write_text("a-different-key-0123456789")
     refused = runner.invoke(app, [*args, "--key-file", str(other)], env=env)
-    assert refused.exit_code == 1 and "de-identification key" in refused.stderr and "Traceback" not in refused.output
+    assert (
+        refused.exit_code == 1
+        and "de-identification key" in refused.stderr
+        and "Traceback" not in refused.output
+    )
     assert_no_canary(store)
 
 
@@ -176,7 +200,10 @@ def test_scope_rules_and_their_options(tmp_path: Path) -> None:
         return sorted(r.stored_path for r in out.records), {f.path: f for f in out.failures}
 
     k = stretch(KEY.encode(), "test")
-    ref = {name: k.reference(f"{name}.dcm".encode()) for name in ("chest", "ct", "knee", "nobody", "burned", "multi")}
+    ref = {
+        name: k.reference(f"{name}.dcm".encode())
+        for name in ("chest", "ct", "knee", "nobody", "burned", "multi")
+    }
     kept, failed = listing()
     assert kept == sorted([ref["chest"], ref["nobody"]])
     assert {failed[ref[n]].stage for n in ("ct", "knee", "burned", "multi")} == {"out_of_scope"}
@@ -230,8 +257,9 @@ def test_listing_cache_rereads_only_new_or_changed_files(tmp_path: Path) -> None
     assert_no_canary(cache)
 
 
-def test_key_file_is_created_once_user_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                           capsys: pytest.CaptureFixture[str]) -> None:
+def test_key_file_is_created_once_user_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "cfg"))
     write_dicom(tmp_path / "src" / "a.dcm", 1)
     first = read_dataset(tmp_path / "src")

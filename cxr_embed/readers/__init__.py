@@ -46,6 +46,7 @@ def resolve_source(source: str | Path, dataset: str, options: dict[str, Any]) ->
     accepted = set(inspect.signature(reader_for(kind)).parameters) - {"root", "errors"}
     unknown = sorted(set(options) - accepted)
     if unknown:
+
         def flag(name: str) -> str:
             return "--" + name.replace("_", "-")
 
