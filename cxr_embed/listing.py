@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import os
 from collections import Counter
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from cxr_embed.atomicio import write_bytes_atomic
-from cxr_embed.errors import ConfigError
+from cxr_embed.errors import ConfigError, StoreIdentityError
 from cxr_embed.readers import reader_for, resolve_source
 from cxr_embed.records import ImageRecord, ReadFailure
 
@@ -81,13 +82,18 @@ def list_source(
         failures: list[ReadFailure] = []
         records = reader_for(kind)(root, errors=failures, **options)
         return Listing(records=records, failures=failures, dataset=kind)
+    from cxr_embed.readers.deid import load_key
     from cxr_embed.readers.dicom import list_dicom
 
+    key = load_key(options.pop("key_file", None))
+    store_dir = cache_dir.parent if cache_dir is not None else None
+    if store_dir is not None:
+        _check_store_key(store_dir, key.fingerprint)  # before any model loads, and before caching
     if link_file is not None and cache_dir is not None and _inside(Path(link_file), cache_dir.parent):
         raise ConfigError(f"--link-file {link_file} is inside the store: it maps pseudonyms back to files, so it "
                           "must stay with the data owner, outside the store. Choose another path.")  # fmt: skip
     usable_cache = cache_dir if cache_dir is not None and _is_store_dir(cache_dir.parent) else None
-    found = list_dicom(root, cache_dir=usable_cache, progress=progress, **options)
+    found = list_dicom(root, key=key, cache_dir=usable_cache, progress=progress, **options)
     written = write_link_file(Path(link_file), found.links) if link_file is not None else None
     return Listing(records=found.records, failures=found.failures, identity={IDENTITY_KEY: found.key.fingerprint},
                    link_file=written, dataset=kind, headers_read=found.stats.read,
@@ -127,6 +133,17 @@ def read_link_file(path: Path) -> dict[str, Path]:
     text = Path(path).read_bytes().decode("utf-8", "surrogateescape")
     rows = list(csv.reader(io.StringIO(text, newline="")))
     return {ref: Path(p) for ref, p in rows[1:] if ref}
+
+
+def _check_store_key(store_dir: Path, fingerprint: str) -> None:
+    """Refuse early when ``store_dir`` is a store made with another key (the writer checks again, under its lock)."""
+    try:
+        manifest = json.loads((store_dir / "store.json").read_text())
+    except (OSError, ValueError):
+        return  # no store yet, or one the writer will report on
+    recorded = (manifest.get("identity") or {}).get(IDENTITY_KEY) if isinstance(manifest, dict) else None
+    if recorded != fingerprint:
+        raise StoreIdentityError.for_key(store_dir, recorded, fingerprint)
 
 
 def _inside(path: Path, folder: Path) -> bool:

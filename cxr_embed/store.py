@@ -699,12 +699,7 @@ def _check_source_identity(store: Store, identity: dict[str, str]) -> None:
     if recorded == identity or (not identity and not recorded):
         return
     if "id_key_fingerprint" in recorded or "id_key_fingerprint" in identity:
-        raise StoreIdentityError(
-            f"Store {store.path} was made with the de-identification key fingerprinted "
-            f"{recorded.get('id_key_fingerprint', '(none)')}, but this run uses "
-            f"{identity.get('id_key_fingerprint', '(none)')}: its pseudonyms would not match (a patient would "
-            "become two). Run with the store's key (--key-file or $CXR_EMBED_ID_SALT), or index into a new store."
-        )
+        raise StoreIdentityError.for_key(store.path, recorded.get("id_key_fingerprint"), identity.get("id_key_fingerprint"))
     raise StoreIdentityError(
         f"Store {store.path} was listed with {recorded or 'no source identity'}, this run with "
         f"{identity or 'none'}; index into a new store instead."

@@ -82,7 +82,7 @@ def read(
     """
     listing = list_dicom(
         root, labels=labels, path_column=path_column, id_column=id_column, label_column=label_column,
-        findings_column=findings_column, split_column=split_column, key_file=key_file, modality=modality,
+        findings_column=findings_column, split_column=split_column, key=load_key(key_file), modality=modality,
         body_part=body_part, allow_burned_in=allow_burned_in, frames=frames, follow_symlinks=follow_symlinks,
         workers=workers, cache_dir=cache_dir, progress=progress,
     )  # fmt: skip
@@ -103,7 +103,7 @@ def list_dicom(
     label_column: str | None = None,
     findings_column: str | None = None,
     split_column: str | None = None,
-    key_file: str | Path | None = None,
+    key: IdKey,
     modality: str | Iterable[str] | None = None,
     body_part: str | Iterable[str] | None = None,
     allow_burned_in: bool = False,
@@ -113,12 +113,11 @@ def list_dicom(
     cache_dir: Path | None = None,
     progress: bool = False,
 ) -> DicomListing:
-    """:func:`read` returning a :class:`DicomListing` (what :func:`cxr_embed.listing.list_source` uses)."""
+    """:func:`read` with a loaded ``key``, returning a :class:`DicomListing` (:func:`cxr_embed.listing.list_source`)."""
     if frames is not None and frames not in FRAME_MODES:
         raise ConfigError(f"--frames must be one of {', '.join(FRAME_MODES)}, got {frames!r}.")
     modalities = _accepted(modality, DEFAULT_MODALITIES)
     body_parts = _accepted(body_part, DEFAULT_BODY_PARTS)
-    key = load_key(key_file)
     base = root.parent if root.is_file() else root
     found = walk(root, follow_symlinks=follow_symlinks) if root.is_dir() else None
     files = [root] if found is None else [p for p in found.files if p.name not in NOT_LISTED]
