@@ -81,7 +81,7 @@ def write_dicom(
 
 
 def canary_corpus(root: Path) -> dict[str, Path]:
-    """3 chest DX (2 patients) + CT + MR + multi-frame + burned-in, in PACS-style canary folders."""
+    """3 chest DX (2 patients) + CT + MR + multi-frame + burned-in + undecodable, in canary folders."""
     folder = root / "CANARY-77654033" / "19020304_CANARYACC"
     files = {f"chest{i}": folder / f"CANARY_{i}.dcm" for i in range(3)}
     for i, path in enumerate(files.values()):
@@ -92,6 +92,8 @@ def canary_corpus(root: Path) -> dict[str, Path]:
     files["multi"], files["burned"] = folder / "CANARY_multi.dcm", folder / "CANARY_burned.dcm"
     write_dicom(files["multi"], 12, frames=2)
     write_dicom(files["burned"], 13, burned_in="YES")
+    files["broken"] = folder / "CANARY_broken.dcm"  # in scope, but its pixels do not decode
+    write_dicom(files["broken"], 14, pixels=b"\x00\x01" * 10)
     return files
 
 
@@ -141,7 +143,9 @@ def test_phi_canary_end_to_end_through_the_cli(tmp_path: Path, monkeypatch: pyte
     assert {r["body_part"] for r in meta} == {"CHEST"} and {r["frames"] for r in meta} == {1}
     assert len({r["patient_id"] for r in meta}) == 2
     errors = opened.errors().to_pylist()
-    assert sorted(e["stage"] for e in errors) == ["out_of_scope"] * 4
+    assert (
+        sorted(e["stage"] for e in errors) == ["decode"] + ["out_of_scope"] * 4
+    )  # decode: named by reference
     assert len(opened) + len(errors) == len(files)  # listed = stored + failed + skipped
     assert {p.resolve() for p in read_link_file(links).values()} == {p.resolve() for p in files.values()}
     assert stat.S_IMODE(links.stat().st_mode) == 0o600
@@ -269,3 +273,22 @@ def test_key_file_is_created_once_user_only(
     assert read_dataset(tmp_path / "src") == first and str(key_file) not in capsys.readouterr().err
     with pytest.raises(ConfigError, match="does not exist"):
         read_dataset(tmp_path / "src", key_file=tmp_path / "nope")
+
+
+def test_store_writer_keeps_the_source_identity(tmp_path: Path) -> None:
+    from cxr_embed.store import StoreWriter
+
+    def writer(identity: dict[str, str] | None) -> StoreWriter:
+        return StoreWriter(tmp_path / "store", model_id="m", checkpoint_sha256="c", preprocess_fingerprint="p",
+                           dim=4, identity=identity)  # fmt: skip
+
+    with writer({"id_key_fingerprint": "aaaa"}):
+        pass
+    assert json.loads((tmp_path / "store" / "store.json").read_text())["identity"] == {
+        "id_key_fingerprint": "aaaa"
+    }
+    with writer({"id_key_fingerprint": "aaaa"}):
+        pass  # the same key resumes
+    for other in ({"id_key_fingerprint": "bbbb"}, None):
+        with pytest.raises(StoreIdentityError, match="aaaa"):
+            writer(other).open()
