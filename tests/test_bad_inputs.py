@@ -123,3 +123,17 @@ def test_duplicate_csv_rows_are_recorded(tmp_path: Path, tiny_model) -> None:
     )
     assert (summary.already_stored, summary.embedded) == (0, 2)  # a new store stores what it lists
     _check_accounting(tmp_path / "store", listing.listed)
+
+
+def test_chestxray14_folder_records_fifos_and_undecodable_names(synth_cxr14: Path, tmp_path: Path) -> None:
+    import shutil
+
+    root = tmp_path / "cxr14"
+    shutil.copytree(synth_cxr14, root)
+    images = next(p.parent for p in root.rglob("*.png"))
+    os.mkfifo(images / "00099999_000.png")
+    _png(Path(os.fsdecode(os.fsencode(images) + b"/\xff.png")), 1)
+    errors: list = []
+    records = read_dataset(root, errors=errors)
+    assert len(records) == 40 and sorted(f.stage for f in errors) == ["file_name", "special_file"]
+    assert all(f.image_id.encode("utf-8") and f.path.encode("utf-8") for f in errors)
