@@ -30,6 +30,7 @@ from cxr_embed.readers.deid import IdKey
 from cxr_embed.records import parse_age, parse_sex
 
 CACHE_VERSION = "1"
+MIN_FILES_PER_WORKER = 64  # below this, starting processes costs more than it saves
 MAX_AGE = 90.0  # HIPAA Safe Harbor: ages over 89 are aggregated into one "90 or older" category
 _PIXEL_TAG_NUMBERS = {0x7FE00010, 0x7FE00008, 0x7FE00009}
 
@@ -217,10 +218,11 @@ def list_headers(
 
 
 def _read_many(paths: list[str], key: IdKey, workers: int):
-    if workers <= 1 or len(paths) < 2 * workers:
+    """Headers in order; worker processes only when there are enough files to pay for starting them."""
+    if workers <= 1 or len(paths) < MIN_FILES_PER_WORKER * workers:
         yield from (read_header(p, key) for p in paths)
         return
-    with ProcessPoolExecutor(max_workers=workers) as pool:
+    with ProcessPoolExecutor(max_workers=workers) as pool:  # default start method, like DataLoader workers
         yield from pool.map(
             read_header, paths, [key] * len(paths), chunksize=max(1, min(256, len(paths) // (8 * workers)))
         )
