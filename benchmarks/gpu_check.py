@@ -155,7 +155,7 @@ def throughput(source: Path, args: argparse.Namespace, deadline: float) -> list[
     from index_throughput import bare_forward_seconds, decode_seconds, load_model, naive_rate
 
     from cxr_embed.job import IndexConfig, run_index
-    from cxr_embed.records import read_dataset
+    from cxr_embed.readers import read_dataset
 
     rows: list[Row] = []
     model = load_model("full", "cuda", args.precision)
@@ -265,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
     require_cuda()
     import torch
 
-    from cxr_embed.records import read_dataset
+    from cxr_embed.readers import read_dataset
     from cxr_embed.synth import generate
 
     started = time.perf_counter()

@@ -39,7 +39,7 @@ from cxr_embed.model import MedImageInsight, tiny_model_dir
 from cxr_embed.model.config import full_config
 from cxr_embed.model.medimageinsight import resolve_device
 from cxr_embed.model.unicl import UniCL
-from cxr_embed.records import read_dataset
+from cxr_embed.readers import read_dataset
 from cxr_embed.synth import generate
 
 

@@ -15,8 +15,10 @@ from cxr_embed_cli.output import (
     info,
     print_table,
 )
+from cxr_embed_cli.reader_opts import with_reader_options
 
 
+@with_reader_options
 def finetune(
     ctx: typer.Context,
     source: Annotated[Path, typer.Argument(help="Dataset folder: ChestX-ray14, PNG/JPEG folder with labels, or DICOM.")],
@@ -45,6 +47,7 @@ def finetune(
     resume: Annotated[bool, typer.Option(help="Continue the run in --out exactly where it stopped.")] = False,
     seed: Annotated[int, typer.Option(help="Seed of the split, data order, augmentation and initialisation.")] = 0,
     as_json: JsonOpt = False,
+    reader_options: dict | None = None,
 ) -> None:
     """Fine-tune the MedImageInsight image tower end to end with a linear head.
 
@@ -61,6 +64,8 @@ def finetune(
               "freeze_stages": freeze_stages, "label": label, "class_weighting": class_weighting, "ema": ema,
               "augment": augment, "hflip": hflip, "patience": patience, "max_steps": max_steps, "workers": workers,
               "device": device, "store": str(store) if store else None, "seed": seed}
+    if reader_options:
+        values["reader_options"] = reader_options
     if resume:
         # Only what was typed counts: defaults must not clash with the interrupted run's settings.
         # (Compared by name: typer ships its own copy of click's ParameterSource enum.)

@@ -18,11 +18,13 @@ from cxr_embed_cli.output import (
     print_fields,
     print_table,
 )
+from cxr_embed_cli.reader_opts import with_reader_options
 
 store_app = typer.Typer(help="Inspect and check an embedding store.", no_args_is_help=True)
 
 
 @handle_errors
+@with_reader_options
 def index_cmd(
     source: Annotated[Path, typer.Argument(help="Dataset: a ChestX-ray14 folder (or its Data_Entry CSV), an image folder or a DICOM folder.")],
     store: StoreOpt,
@@ -55,20 +57,23 @@ def index_cmd(
         bool, typer.Option("--prune", help="Remove stored rows whose image the source no longer lists (default: only report them).")
     ] = False,
     json_out: JsonOpt = False,
+    reader_options: dict | None = None,
+    link_file: Path | None = None,
 ) -> None:
     """Embed a dataset into a store (Parquet shards + FAISS index); rerun to resume or add new images.
 
     Only images the store does not hold yet are embedded, so rerunning the same command after a
     crash or kill finishes the job, and rerunning after adding images appends them. Unreadable
     images are recorded in errors.parquet and skipped. A store made with another model or
-    preprocessing is refused.
+    preprocessing is refused. DICOM folders are de-identified (keyed pseudonyms, no path, no date)
+    and only chest radiographs are taken: see the "Reading the dataset" options.
     """
     from cxr_embed.job import IndexConfig, run_index
 
     config = IndexConfig(dataset=dataset, model_dir=model_dir, device=device, precision=precision, batch_size=batch_size,
                          workers=workers, limit=limit, shard_size=shard_size, index=index, engine=engine,
                          ray_address=address, gpus_per_worker=gpus_per_worker, cpus_per_worker=cpus_per_worker,
-                         prune=prune)
+                         prune=prune, reader_options=reader_options or {}, link_file=link_file)
     summary = run_index(source, store, config, progress=not json_out)
     if json_out:
         emit_json(summary)

@@ -54,21 +54,26 @@ class DecodeDataset:
         return len(self.records)
 
     def __getitem__(self, i: int) -> tuple[int, torch.Tensor | ReadFailure]:
+        from cxr_embed.listing import failure_for
+
         record = self.records[i]
-        return i, decode_image(record.path, self.preprocessor, record.image_id)
+        item = decode_image(record.path, self.preprocessor, record.image_id, frame=record.frame)
+        # a de-identified record's failure names its reference, never the real path
+        return i, failure_for(record, item.stage, item.reason) if isinstance(item, ReadFailure) else item
 
 
 def decode_image(
-    path: str | Path, preprocessor: Preprocessor, image_id: str | None = None
+    path: str | Path, preprocessor: Preprocessor, image_id: str | None = None, *, frame: int | None = None
 ) -> torch.Tensor | ReadFailure:
     """One file → its uint8 (3, S, S) resize output, or the ReadFailure (stage "decode") saying why not.
 
-    ``image_id`` names the failure (default: the path), as the store's errors table does.
+    ``image_id`` names the failure (default: the path), as the store's errors table does; ``frame``:
+    which frame of a multi-frame file (None: its only or first).
     """
     from cxr_embed.imageio import read_image
 
     try:
-        return preprocessor.to_uint8(read_image(path))
+        return preprocessor.to_uint8(read_image(path, frame))
     except (
         Exception
     ) as exc:  # decoder boundary: whatever a bad file (or odd pixel data) raises is that file's failure

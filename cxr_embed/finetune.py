@@ -103,6 +103,7 @@ class FineTuneConfig:
     device: str = "auto"
     store: str | None = None
     seed: int = 0
+    reader_options: dict[str, Any] = field(default_factory=dict)  # the reader's options (--labels, --key-file, …)
     n_boot: int = 1000
 
     def validate(self) -> None:
@@ -738,12 +739,13 @@ def _run_identity(out: Path, resume: bool) -> tuple[str, str]:
 
 def _setup(config: FineTuneConfig, resume: bool) -> _Run:
     from cxr_embed.model import MedImageInsight
-    from cxr_embed.records import read_dataset
+    from cxr_embed.readers import read_dataset
 
     out = Path(config.out)
     started = time.perf_counter()
     read_failures: list[Any] = []
-    records, targets = _labelled(read_dataset(config.source, config.dataset, errors=read_failures), config.label)
+    listed = read_dataset(config.source, config.dataset, errors=read_failures, **config.reader_options)
+    records, targets = _labelled(listed, config.label)
     splits = _splits_for(out, records, targets, config, resume)
     run_id, created_at = _run_identity(out, resume)
     base = MedImageInsight.load(config.model_dir, device=config.device, precision="fp32")

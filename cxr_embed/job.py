@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from cxr_embed.errors import DependencyError
-from cxr_embed.pipeline import Engine, IndexConfig, IndexSummary, run_job
+from cxr_embed.pipeline import Engine, IndexConfig, IndexSummary, list_for_job, run_job
 from cxr_embed.store import StoreLock
 
 if TYPE_CHECKING:
@@ -41,12 +41,14 @@ def run_index(
     start = time.perf_counter()
     lock = StoreLock(store_dir).acquire()  # before the model loads: a second writer is refused at once
     try:
+        # listing first: a wrong de-identification key or bad reader option is refused before the model loads
+        listing = list_for_job(source, store_dir, config, progress)
         engine = make_engine(config, model)
     except BaseException:
         lock.release()
         raise
     with lock:
-        return run_job(engine, source, store_dir, config, progress, lock=lock, start=start)
+        return run_job(engine, source, store_dir, config, progress, lock=lock, start=start, listing=listing)
 
 
 def make_engine(config: IndexConfig, model: MedImageInsight | None = None) -> Engine:

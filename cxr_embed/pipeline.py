@@ -33,16 +33,16 @@ from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
 from cxr_embed.errors import ConfigError
 from cxr_embed.indexes import resolve_kind
-from cxr_embed.listing import Listing, list_source
+from cxr_embed.listing import Listing, failure_for, list_source
 from cxr_embed.progress import Progress, progress_bar
 from cxr_embed.records import ImageRecord, ReadFailure
-from cxr_embed.store import Store, StoreLock, StoreWriter
+from cxr_embed.store import CACHE_DIR, Store, StoreLock, StoreWriter, local_store_path
 
 ENGINES = ("local", "ray")
 WRITE_QUEUE_BATCHES = 2
@@ -68,6 +68,8 @@ class IndexConfig:
     gpus_per_worker: float | None = None  # --engine ray: GPUs per model actor (None: 1 when GPUs exist)
     cpus_per_worker: float = 1.0  # --engine ray: CPUs per decode task / actor
     prune: bool = False  # remove stored rows whose image is no longer in the source
+    reader_options: dict[str, Any] = field(default_factory=dict)  # the reader's options (cli/reader_opts.py)
+    link_file: Path | None = None  # DICOM: where reference -> file rows are written (outside the store)
 
     def check(self) -> None:
         """Refuse impossible values before any work (ConfigError naming the flag)."""
@@ -168,15 +170,16 @@ class Engine(Protocol):
 
 def run_job(
     engine: Engine, source: str | Path, store_dir: str | Path, config: IndexConfig, progress: bool = True,
-    *, lock: StoreLock | None = None, start: float | None = None,
+    *, lock: StoreLock | None = None, start: float | None = None, listing: Listing | None = None,
 ) -> IndexSummary:
     """Embed every image under ``source`` that ``store_dir`` does not hold yet with ``engine``, then (re)index.
 
     ``lock``: the store's writer lock when the caller took it before loading the model (so a second
-    writer is refused at once, not after a model load); ``start``: when the run began.
+    writer is refused at once, not after a model load); ``start``: when the run began; ``listing``:
+    the source's listing when the caller made it already (:func:`list_for_job`).
     """
     start = time.perf_counter() if start is None else start
-    listing = list_source(source, config.dataset)
+    listing = listing or list_for_job(source, store_dir, config, progress)
     records = listing.records if config.limit is None else listing.records[: config.limit]
     with open_writer(store_dir, engine.identity, listing, config, lock) as writer:
         todo = writer.pending(records)
@@ -211,6 +214,12 @@ def run_job(
     )
 
 
+def list_for_job(source: str | Path, store_dir: str | Path, config: IndexConfig, progress: bool) -> Listing:
+    """The listing stage: the reader with the job's options, the store's listing cache and link file."""
+    return list_source(source, config.dataset, options=config.reader_options, link_file=config.link_file,
+                       cache_dir=local_store_path(store_dir) / CACHE_DIR, progress=progress)
+
+
 def open_writer(
     store_dir: str | Path, identity: ModelIdentity, listing: Listing, config: IndexConfig,
     lock: StoreLock | None = None,
@@ -225,6 +234,7 @@ def open_writer(
         index_kind=config.index,
         model_dir=identity.model_dir,
         lock=lock,
+        identity=listing.identity or None,
     )
 
 
@@ -378,12 +388,7 @@ class BackgroundWriter:
             emb = batch.fetch_embeddings()
             finite = np.isfinite(emb).all(axis=1)
             failures += [
-                ReadFailure(
-                    r.image_id,
-                    r.path,
-                    "encode",
-                    f"non-finite embedding at {self.precision}; retry with --precision fp32",
-                )
+                failure_for(r, "encode", f"non-finite embedding at {self.precision}; retry with --precision fp32")
                 for r, ok in zip(batch.records, finite, strict=True)
                 if not ok
             ]

@@ -118,8 +118,8 @@ def decode_batch(batch: dict[str, np.ndarray], preprocessor: Preprocessor) -> di
     n, size = len(batch["path"]), preprocessor.image_size
     pixels = np.zeros((n, 3, size, size), dtype=np.uint8)
     stage, reason = np.full(n, "", dtype=object), np.full(n, "", dtype=object)
-    for k, path in enumerate(batch["path"]):
-        item = decode_image(str(path), preprocessor)
+    for k, (path, frame) in enumerate(zip(batch["path"], batch["frame"], strict=True)):
+        item = decode_image(str(path), preprocessor, frame=None if int(frame) < 0 else int(frame))
         if isinstance(item, ReadFailure):
             stage[k], reason[k] = item.stage, item.reason
         else:
@@ -227,7 +227,7 @@ def _pipeline(
     ray: Any, todo: list[ImageRecord], model: MedImageInsight, plan: PoolPlan, config: IndexConfig
 ) -> Any:
     """The Ray Data plan: input order preserved, so row_ids match the local engine's exactly."""
-    rows = [{"i": i, "path": rec.path} for i, rec in enumerate(todo)]
+    rows = [{"i": i, "path": rec.path, "frame": -1 if rec.frame is None else rec.frame} for i, rec in enumerate(todo)]
     ds = ray.data.from_items(
         rows, override_num_blocks=min(MAX_BLOCKS, math.ceil(len(rows) / config.batch_size))
     )
@@ -348,7 +348,7 @@ class RayEngine:
             ok = batch["stage"] == ""
             recs = [todo[int(i)] for i in batch["i"]]
             failed = [
-                ReadFailure(r.image_id, r.path, str(s), str(why))
+                failure_for(r, str(s), str(why))
                 for r, s, why, good in zip(recs, batch["stage"], batch["reason"], ok, strict=True)
                 if not good
             ]

@@ -28,6 +28,13 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip)
 
 
+@pytest.fixture(autouse=True)
+def _private_config_dir(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No test writes the user's real config dir (the DICOM reader creates its key file there)."""
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path_factory.getbasetemp() / "xdg-config"))
+    monkeypatch.delenv("CXR_EMBED_ID_SALT", raising=False)
+
+
 # --- section: model (issue 2) ---
 
 REFERENCE = DATA / "reference"
@@ -70,7 +77,7 @@ def synth_cxr14(tmp_path_factory: pytest.TempPathFactory) -> Path:
     grayscale), ``Data_Entry_2017_v2020.csv``, ``train_val_list.txt``, ``test_list.txt``, plus
     ``synth.json`` (the counts). Contents: 40 images of 15 patients (1-5 follow-ups each), exactly
     20 abnormal / 20 normal, split patient-wise into 31 train / 9 test images. Read it with
-    ``cxr_embed.records.read_dataset(path)`` (40 records, no failures). Treat it as read-only:
+    ``cxr_embed.readers.read_dataset(path)`` (40 records, no failures). Treat it as read-only:
     it is shared by the whole session; copy it (``shutil.copytree``) before modifying.
     """
     from cxr_embed.synth import generate

@@ -12,7 +12,8 @@ from PIL import Image
 
 from cxr_embed.decode import DecodedBatch, decode_image, make_loader
 from cxr_embed.preprocessing import Preprocessor
-from cxr_embed.records import ReadFailure, read_dataset
+from cxr_embed.readers import read_dataset
+from cxr_embed.records import ReadFailure
 
 REF = Path(__file__).parent / "data" / "reference"
 

@@ -287,7 +287,7 @@ def _check_export(run_dir: Path) -> None:
 @pytest.mark.slow
 def test_short_run_learns_and_writes_the_classify_tables_into_a_store(synth_cxr14, tmp_path):
     """Loss falls and validation ROC-AUC beats chance; predictions/metrics/runs land in the store, by row_id."""
-    from cxr_embed.records import read_dataset
+    from cxr_embed.readers import read_dataset
     from cxr_embed.store import Store, build_store_from_arrays
 
     records = read_dataset(synth_cxr14)

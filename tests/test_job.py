@@ -13,7 +13,7 @@ from PIL import Image
 from cxr_embed import indexes
 from cxr_embed.errors import ConfigError, StoreLockedError, StoreMismatchError
 from cxr_embed.job import IndexConfig, run_index
-from cxr_embed.records import read_dataset
+from cxr_embed.readers import read_dataset
 from cxr_embed.store import Store, StoreWriter, validate_store
 
 CPU = {"device": "cpu", "batch_size": 4}

@@ -18,7 +18,7 @@ from cxr_embed.errors import ConfigError, DependencyError, ModelNotFoundError
 from cxr_embed.job import IndexConfig, run_index
 from cxr_embed.model import tiny_model_dir
 from cxr_embed.ray_engine import plan_pool, remote_error, run_index_ray
-from cxr_embed.records import read_dataset
+from cxr_embed.readers import read_dataset
 from cxr_embed.store import Store, local_store_path
 
 

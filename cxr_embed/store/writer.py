@@ -26,10 +26,11 @@ import pyarrow as pa
 
 from cxr_embed import indexes
 from cxr_embed.atomicio import write_bytes_atomic
-from cxr_embed.errors import StoreDamagedError, StoreError, StoreLockedError, StoreMismatchError
+from cxr_embed.errors import StoreDamagedError, StoreError, StoreIdentityError, StoreLockedError, StoreMismatchError
 from cxr_embed.records import ImageRecord, ReadFailure
 from cxr_embed.schema import ERRORS_SCHEMA
 from cxr_embed.store.layout import (
+    CACHE_DIR,
     EMBEDDINGS_DIR,
     INDEX_DIR,
     LOCK_FILE,
@@ -172,8 +173,10 @@ class StoreWriter:
         index_kind: str | None = None,
         model_dir: str | Path | None = None,
         lock: StoreLock | None = None,
+        identity: dict[str, str] | None = None,
     ):
         self.path = local_store_path(path)
+        self.source_identity = dict(identity or {})  # e.g. the DICOM key fingerprint; kept across resumes
         self.identity = {
             "model_id": model_id,
             "checkpoint_sha256": checkpoint_sha256,
@@ -237,6 +240,7 @@ class StoreWriter:
                 self._repair()
             else:
                 self._create()
+            _check_source_identity(self._require_open(), self.source_identity)
             self._remove_orphans()
             self._stored = set(self._require_open().metadata(["image_id"]).column("image_id").to_pylist())
         except BaseException:
@@ -251,7 +255,7 @@ class StoreWriter:
 
     def _create(self) -> None:
         leftovers = [
-            p.name for p in self.path.iterdir() if p.name not in (LOCK_FILE, EMBEDDINGS_DIR, ".manifest.lock")
+            p.name for p in self.path.iterdir() if p.name not in (LOCK_FILE, EMBEDDINGS_DIR, CACHE_DIR, ".manifest.lock")
         ]
         if leftovers:
             raise StoreError(
@@ -259,6 +263,8 @@ class StoreWriter:
                 "Choose a new or empty directory for --store."
             )
         manifest = new_manifest(dim=self.dim, model_dir=self.model_dir, **self.identity)
+        if self.source_identity:
+            manifest["identity"] = self.source_identity
         self._commit(manifest)
 
     def _repair(self) -> None:
@@ -598,3 +604,16 @@ def build_store_from_arrays(
         for start in range(0, len(emb), shard_size):
             writer.append(meta.slice(start, shard_size), emb[start : start + shard_size])
         return writer.finalize()
+
+
+def _check_source_identity(store: Store, identity: dict[str, str]) -> None:
+    """Refuse a resume/append whose source identity (e.g. de-identification key) differs from the store's."""
+    recorded = store.manifest.get("identity") or {}
+    if recorded == identity or (not identity and not recorded):
+        return
+    if "id_key_fingerprint" in recorded or "id_key_fingerprint" in identity:
+        raise StoreIdentityError.for_key(store.path, recorded.get("id_key_fingerprint"), identity.get("id_key_fingerprint"))
+    raise StoreIdentityError(
+        f"Store {store.path} was listed with {recorded or 'no source identity'}, this run with "
+        f"{identity or 'none'}; index into a new store instead."
+    )
