@@ -221,13 +221,14 @@ def _sigmoid(z: np.ndarray) -> np.ndarray:
 class LogisticClassifier(Persistent):
     """sklearn logistic regression (lbfgs) on standardised embeddings; C chosen on the held-out slice.
 
-    Only the fitted coefficients are kept: prediction is sklearn's own formula, expit(z.w + b).
+    Only the fitted coefficients are kept (float32, as sklearn fits them on float32 inputs):
+    prediction is sklearn's own formula, expit(z.w + b), in the same precision.
     """
 
     name = "lr"
     grid = (0.01, 0.1, 1.0)
     PARAMS = ("C", "seed", "tune_rows", "C_", "intercept_")
-    ARRAYS = {"scaler.mean": ("float32", ("d",)), "scaler.scale": ("float32", ("d",)), "coef": ("float64", ("d",))}
+    ARRAYS = {"scaler.mean": ("float32", ("d",)), "scaler.scale": ("float32", ("d",)), "coef": ("float32", ("d",))}
 
     def __init__(self, C: float | None = None, seed: int = 0, tune_rows: int = 20_000):
         self.C, self.seed, self.tune_rows = C, seed, tune_rows
@@ -251,13 +252,13 @@ class LogisticClassifier(Persistent):
                 C = max(scores, key=scores.get)
         self.C_ = C
         model = LogisticRegression(C=C, max_iter=1000).fit(Z, y)
-        self.coef_, self.intercept_ = model.coef_[0].astype(np.float64), float(model.intercept_[0])
+        self.coef_, self.intercept_ = _f32(model.coef_[0]), float(model.intercept_[0])
         return self
 
     def predict_proba(self, X) -> np.ndarray:
         from scipy.special import expit
 
-        return expit(self.scaler_(_f32(X)) @ self.coef_ + self.intercept_)
+        return expit(self.scaler_(_f32(X)) @ self.coef_ + np.float32(self.intercept_)).astype(np.float64)
 
     def _arrays(self) -> dict[str, np.ndarray]:
         return {"scaler.mean": self.scaler_.mean, "scaler.scale": self.scaler_.scale, "coef": self.coef_}
