@@ -128,3 +128,18 @@ def test_parse_models_and_thread_limits() -> None:
     with C.compute_threads(10, 10):
         assert torch.get_num_threads() == 1
     assert torch.get_num_threads() == before
+
+
+def test_knn_out_of_fold_votes_never_count_the_row_itself() -> None:
+    """Pure-noise labels: an out-of-fold vote that counted the row itself would score above chance."""
+    from cxr_embed import evaluation as E
+
+    rng = np.random.default_rng(0)
+    X, y = rng.normal(size=(400, 8)).astype(np.float32), rng.integers(0, 2, 400)
+    groups = np.arange(400)
+    folds = E.patient_group_folds(y, groups, 4, seed=0)
+    (result,) = E.cross_validate(X, y, groups, folds, ["knn"], n_boot=0, fold_n_boot=0)
+    assert sorted(result.rows) == list(range(400))  # every row scored exactly once, by a model not trained on it
+    assert abs(metrics.roc_auc(result.labels, result.prob) - 0.5) < 0.1
+    with_itself = C.KnnClassifier(k=5).fit(X, y).predict_proba(X)  # what counting the row itself looks like
+    assert metrics.roc_auc(y, with_itself) > 0.7
