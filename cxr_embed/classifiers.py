@@ -149,9 +149,9 @@ class Persistent:
         """Rebuild a fitted classifier from :meth:`get_state`'s output; ValueError if anything does not fit."""
         if set(params) != set(cls.PARAMS):
             raise ValueError(f"parameters {sorted(params)} are not the expected {sorted(cls.PARAMS)}")
-        bad = [k for k, v in params.items() if not _is_json_scalar(v)]
+        bad = [k for k, v in params.items() if not _is_json_scalar(v) or (k.endswith("_") and v is None)]
         if bad:
-            raise ValueError(f"parameters {bad} are not plain numbers")
+            raise ValueError(f"parameters {bad} are not plain numbers")  # fitted ones (name_) must be set
         dims = check_arrays(cls.ARRAYS, arrays)
         obj = cls.__new__(cls)
         for p in cls.PARAMS:

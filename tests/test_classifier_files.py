@@ -157,8 +157,15 @@ ATTACKS = {
     "extra tensor": (lambda f, c: _rewrite(f, "lr", _with_extra_tensor(f / "lr.safetensors")),
                      r"unexpected tensors \['payload'\]"),
     "wrong shape": (lambda f, c: _rewrite(f, "lr", save({**load((f / "lr.safetensors").read_bytes()),
-                                                          "coef": np.zeros(3)})), "tensor coef has shape"),
+                                                          "coef": np.zeros(3, np.float32)})), "tensor coef has shape"),
     "not json": (lambda f, c: (f / "lr.json").write_bytes(pickle.dumps(_Payload(c))), "not readable JSON"),
+    "fitted number missing": (lambda f, c: _rewrite(f, "lr", params={"C": None, "seed": 0, "tune_rows": 1, "C_": 1.0,
+                                                                      "intercept_": None}), "not plain numbers"),
+    "empty": (lambda f, c: _rewrite(f, "lr", b""), "not a valid safetensors file"),
+    "truncated": (lambda f, c: _rewrite(f, "lr", (f / "lr.safetensors").read_bytes()[:100]),
+                  "not a valid safetensors file"),
+    "json is a directory": (lambda f, c: ((f / "lr.json").unlink(), (f / "lr.json").mkdir()), "No classifier 'lr'"),
+    "latest is garbage": (lambda f, c: (f.parent / "latest.json").write_bytes(b"\x00\xff" * 10), "not readable JSON"),
 }
 
 
