@@ -80,8 +80,12 @@ def classifiers_dir(store_path: str | Path) -> Path:
 
 def model_identity(store: Any) -> dict[str, Any]:
     """The store's model identity, recorded in each file so ``predict`` refuses another model's embeddings."""
-    return {"model_id": store.model_id, "checkpoint_sha256": store.checkpoint_sha256,
-            "preprocess_fingerprint": store.preprocess_fingerprint, "dim": store.dim}
+    return {
+        "model_id": store.model_id,
+        "checkpoint_sha256": store.checkpoint_sha256,
+        "preprocess_fingerprint": store.preprocess_fingerprint,
+        "dim": store.dim,
+    }
 
 
 def _check_name(value: str, what: str) -> str:
@@ -101,10 +105,16 @@ def _calibrator_state(calibrator: Any) -> tuple[dict[str, Any], dict[str, np.nda
     if calibrator.method != "isotonic":
         return {"method": calibrator.method, "a": float(calibrator.a), "b": float(calibrator.b)}, {}
     iso = calibrator.isotonic
-    fields = {"method": "isotonic", "x_min": float(iso.X_min_), "x_max": float(iso.X_max_),
-              "increasing": bool(iso.increasing_)}
-    arrays = {"calibration.x": np.asarray(iso.X_thresholds_, dtype=np.float64),
-              "calibration.y": np.asarray(iso.y_thresholds_, dtype=np.float64)}
+    fields = {
+        "method": "isotonic",
+        "x_min": float(iso.X_min_),
+        "x_max": float(iso.X_max_),
+        "increasing": bool(iso.increasing_),
+    }
+    arrays = {
+        "calibration.x": np.asarray(iso.X_thresholds_, dtype=np.float64),
+        "calibration.y": np.asarray(iso.y_thresholds_, dtype=np.float64),
+    }
     return fields, arrays
 
 
@@ -140,10 +150,17 @@ def save_run_classifiers(
         doc = {
             **meta,
             **(per_model or {}).get(name, {}),
-            "format": FORMAT, "format_version": FORMAT_VERSION, "name": name, "classifier": model.name,
-            "run_id": run_id, "plan_id": meta.get("plan_id"), "params": params, "calibrator": calibrator,
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "name": name,
+            "classifier": model.name,
+            "run_id": run_id,
+            "plan_id": meta.get("plan_id"),
+            "params": params,
+            "calibrator": calibrator,
             "thresholds": {k: float(v) for k, v in model.thresholds.items()},
-            "heldout_rows": int(len(model.heldout_y)), "created_at": created,
+            "heldout_rows": int(len(model.heldout_y)),
+            "created_at": created,
             "safetensors_sha256": _sha256(data),
         }
         files[name] = (data, doc)
@@ -167,7 +184,9 @@ def _read_json(path: Path) -> Any:
             raise StoreError(f"{path} is larger than a classifier metadata file can be; refusing to read it.")
         return json.loads(path.read_bytes())
     except (OSError, ValueError) as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
-        raise StoreError(f"{path} is not readable JSON ({exc}); rerun `cxr-embed classify` to rewrite it.") from None
+        raise StoreError(
+            f"{path} is not readable JSON ({exc}); rerun `cxr-embed classify` to rewrite it."
+        ) from None
 
 
 def latest_run(store_path: str | Path) -> str | None:
@@ -190,7 +209,11 @@ def list_runs(store_path: str | Path) -> list[RunClassifiers]:
     latest = latest_run(store_path)
     runs = []
     for folder in sorted(root.iterdir()):
-        if folder.is_dir() and _SAFE_NAME.fullmatch(folder.name) and not folder.name.endswith((".tmp", ".old")):
+        if (
+            folder.is_dir()
+            and _SAFE_NAME.fullmatch(folder.name)
+            and not folder.name.endswith((".tmp", ".old"))
+        ):
             names = tuple(sorted(p.stem for p in folder.glob("*.json")))
             runs.append(RunClassifiers(folder.name, names, folder.name == latest))
     return runs
@@ -208,7 +231,9 @@ def _resolve_run(store_path: str | Path, run: str | None) -> str:
             f"The classifiers in {root} were saved by an older cxr-embed as skops files, which are no longer "
             "loaded (loading them can run code). Rerun `cxr-embed classify` to save them in the safe format."
         )
-    raise StoreError(f"No saved classifiers in {root}; run `cxr-embed classify` first (it saves the refitted models).")
+    raise StoreError(
+        f"No saved classifiers in {root}; run `cxr-embed classify` first (it saves the refitted models)."
+    )
 
 
 def _missing(store_path: str | Path, name: str, run: str) -> StoreError:
@@ -218,16 +243,23 @@ def _missing(store_path: str | Path, name: str, run: str) -> StoreError:
         known = ", ".join(r.run_id for r in runs) or "none"
         return StoreError(f"No classifier run {run!r} in {classifiers_dir(store_path)}. Runs: {known}.")
     elsewhere = [r.run_id for r in runs if name in r.names]
-    hint = f" Runs that have it: {', '.join(elsewhere)} (pick one with --run)." if elsewhere else (
-        " Run `cxr-embed classify` with it to save one.")
-    return StoreError(f"No classifier {name!r} in run {run}. Available there: {', '.join(here) or 'none'}.{hint}")
+    hint = (
+        f" Runs that have it: {', '.join(elsewhere)} (pick one with --run)."
+        if elsewhere
+        else (" Run `cxr-embed classify` with it to save one.")
+    )
+    return StoreError(
+        f"No classifier {name!r} in run {run}. Available there: {', '.join(here) or 'none'}.{hint}"
+    )
 
 
 def _field(doc: dict, key: str, kind: type | tuple[type, ...], path: Path) -> Any:
     value = doc.get(key)
     if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
-        raise StoreError(f"{path}: field {key!r} is missing or has the wrong type; the file is damaged or was not "
-                         "written by cxr-embed. Rerun `cxr-embed classify`.")
+        raise StoreError(
+            f"{path}: field {key!r} is missing or has the wrong type; the file is damaged or was not "
+            "written by cxr-embed. Rerun `cxr-embed classify`."
+        )
     return value
 
 
@@ -236,22 +268,33 @@ def _check_doc(doc: Any, name: str, run: str, path: Path) -> type[clf.Persistent
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
         raise StoreError(f"{path} is not a cxr-embed classifier file; refused.")
     if doc.get("format_version") != FORMAT_VERSION:
-        raise StoreError(f"{path} has format version {doc.get('format_version')!r}; this cxr-embed reads "
-                         f"version {FORMAT_VERSION}. Upgrade cxr-embed or rerun `cxr-embed classify`.")
+        raise StoreError(
+            f"{path} has format version {doc.get('format_version')!r}; this cxr-embed reads "
+            f"version {FORMAT_VERSION}. Upgrade cxr-embed or rerun `cxr-embed classify`."
+        )
     if doc.get("name") != name or doc.get("run_id") != run:
-        raise StoreError(f"{path} says it is {doc.get('name')!r} of run {doc.get('run_id')!r}; refused "
-                         "(files were moved or renamed outside cxr-embed).")
+        raise StoreError(
+            f"{path} says it is {doc.get('name')!r} of run {doc.get('run_id')!r}; refused "
+            "(files were moved or renamed outside cxr-embed)."
+        )
     kind = doc.get("classifier")
     if kind not in clf.CLASSIFIER_NAMES:
-        raise StoreError(f"{path} names classifier {kind!r}, which is not one of cxr-embed's "
-                         f"({', '.join(clf.CLASSIFIER_NAMES)}); refused.")
+        raise StoreError(
+            f"{path} names classifier {kind!r}, which is not one of cxr-embed's "
+            f"({', '.join(clf.CLASSIFIER_NAMES)}); refused."
+        )
     thresholds = _field(doc, "thresholds", dict, path)
-    if not all(isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) for v in thresholds.values()):
+    if not all(
+        isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+        for v in thresholds.values()
+    ):
         raise StoreError(f"{path}: the operating points are not all finite numbers; refused.")
     _field(doc, "params", dict, path)
     calibrator = _field(doc, "calibrator", dict, path)
     if calibrator.get("method") not in CALIBRATORS:
-        raise StoreError(f"{path} names calibrator {calibrator.get('method')!r}; known: {', '.join(CALIBRATORS)}.")
+        raise StoreError(
+            f"{path} names calibrator {calibrator.get('method')!r}; known: {', '.join(CALIBRATORS)}."
+        )
     _field(doc, "safetensors_sha256", str, path)
     return clf.classifier_class(kind)
 
@@ -261,7 +304,9 @@ def _calibrator(fields: dict[str, Any], arrays: dict[str, np.ndarray], path: Pat
     method = fields["method"]
     expected = _CALIBRATION_ARRAYS if method == "isotonic" else set()
     if set(arrays) != expected:
-        raise StoreError(f"{path}: calibration tensors {sorted(arrays)} do not fit calibrator {method!r}; refused.")
+        raise StoreError(
+            f"{path}: calibration tensors {sorted(arrays)} do not fit calibrator {method!r}; refused."
+        )
     if method == "none":
         return None
     numbers = ("x_min", "x_max") if method == "isotonic" else ("a", "b")
@@ -276,8 +321,16 @@ def _calibrator(fields: dict[str, Any], arrays: dict[str, np.ndarray], path: Pat
 
     iso = IsotonicRegression(out_of_bounds="clip", y_min=0, y_max=1)
     # the fitted attributes by name; __setstate__ rebuilds the interpolation from them
-    iso.__setstate__({**iso.__getstate__(), "X_thresholds_": x, "y_thresholds_": y, "X_min_": float(fields["x_min"]),
-                      "X_max_": float(fields["x_max"]), "increasing_": bool(fields.get("increasing", True))})
+    iso.__setstate__(
+        {
+            **iso.__getstate__(),
+            "X_thresholds_": x,
+            "y_thresholds_": y,
+            "X_min_": float(fields["x_min"]),
+            "X_max_": float(fields["x_max"]),
+            "increasing_": bool(fields.get("increasing", True)),
+        }
+    )
     return {"method": "isotonic", "isotonic": iso}
 
 
@@ -318,6 +371,7 @@ def load_classifier(store_path: str | Path, name: str, run: str | None = None) -
     try:
         classifier = cls.from_state(doc["params"], arrays)
     except (ValueError, TypeError, KeyError) as exc:
-        raise StoreError(f"{st_path} does not hold a valid {doc['classifier']} classifier ({exc}); refused.") from None
+        raise StoreError(
+            f"{st_path} does not hold a valid {doc['classifier']} classifier ({exc}); refused."
+        ) from None
     return SavedClassifier(name, run, classifier, calibrator, dict(doc["thresholds"]), doc, st_path)
-

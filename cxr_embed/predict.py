@@ -51,10 +51,14 @@ def load_model(store: Any, name: str, run: str | None = None) -> tuple[FittedMod
     saved = classifier_files.load_classifier(store.path, name, run)
     calibrator = Calibrator(**saved.calibrator) if saved.calibrator is not None else None
     empty = np.empty(0)
-    return FittedModel(saved.meta["classifier"], saved.classifier, calibrator, saved.thresholds, empty, empty), saved.meta
+    return FittedModel(
+        saved.meta["classifier"], saved.classifier, calibrator, saved.thresholds, empty, empty
+    ), saved.meta
 
 
-def _embedded(model: Any, paths: Sequence[str | Path], batch_size: int) -> Iterator[tuple[str, np.ndarray | str]]:
+def _embedded(
+    model: Any, paths: Sequence[str | Path], batch_size: int
+) -> Iterator[tuple[str, np.ndarray | str]]:
     """(path, embedding or error) per image: batches, and one image at a time only for a batch with a bad file."""
     for start in range(0, len(paths), batch_size):
         chunk = [str(p) for p in paths[start : start + batch_size]]
@@ -86,7 +90,9 @@ def predict_images(
     loaded ``MedImageInsight``) skips loading from ``model_dir``/``device``/``precision``.
     """
     fitted, meta = load_model(store, classifier, run)
-    store.check_compatible(meta.get("model_id"), meta.get("checkpoint_sha256"), meta.get("preprocess_fingerprint"))
+    store.check_compatible(
+        meta.get("model_id"), meta.get("checkpoint_sha256"), meta.get("preprocess_fingerprint")
+    )
     if model is None:
         from cxr_embed.model import MedImageInsight
 
@@ -109,7 +115,13 @@ def predict_images(
             j = scored[i]
             out.append(ImagePrediction(path, float(prob[j]), {k: bool(v[j]) for k, v in calls.items()}))
     return PredictionRun(
-        classifier=classifier, target=meta.get("target", "abnormal"), run_id=meta["run_id"], plan_id=meta.get("plan_id"),
-        calibration=meta["calibrator"]["method"], thresholds=fitted.thresholds,
-        classifier_sha256=meta["safetensors_sha256"], model_id=model.model_id, predictions=out,
+        classifier=classifier,
+        target=meta.get("target", "abnormal"),
+        run_id=meta["run_id"],
+        plan_id=meta.get("plan_id"),
+        calibration=meta["calibrator"]["method"],
+        thresholds=fitted.thresholds,
+        classifier_sha256=meta["safetensors_sha256"],
+        model_id=model.model_id,
+        predictions=out,
     )
