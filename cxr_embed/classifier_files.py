@@ -12,7 +12,7 @@ Why this format: a pickle, joblib or skops file can run code when it is loaded (
 allow-list let a crafted file call an ``exec`` wrapper), and a store is a folder that gets copied
 between people. Loading here only ever parses JSON and safetensors (no code in either), checks the
 safetensors bytes against the sha256 recorded in the JSON, checks every array's name, dtype and
-shape against what the named classifier declares (:class:`cxr_embed.classifiers.Persistent`), and
+shape against what the named classifier declares (:class:`cxr_embed.array_state.Persistent`), and
 then builds one of the package's own classes from them. Anything else is refused with a
 :class:`StoreError` that says what is wrong.
 
@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 
 from cxr_embed import classifiers as clf
+from cxr_embed.array_state import Persistent
 from cxr_embed.atomicio import replace_dir, write_json_atomic
 from cxr_embed.errors import ConfigError, StoreError
 
@@ -58,7 +59,7 @@ class SavedClassifier:
 
     name: str
     run_id: str
-    classifier: clf.Persistent
+    classifier: Persistent
     calibrator: dict[str, Any] | None
     thresholds: dict[str, float]
     meta: dict[str, Any]
@@ -263,7 +264,7 @@ def _field(doc: dict, key: str, kind: type | tuple[type, ...], path: Path) -> An
     return value
 
 
-def _check_doc(doc: Any, name: str, run: str, path: Path) -> type[clf.Persistent]:
+def _check_doc(doc: Any, name: str, run: str, path: Path) -> type[Persistent]:
     """Validate the JSON before any array is read; return the class it names."""
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
         raise StoreError(f"{path} is not a cxr-embed classifier file; refused.")

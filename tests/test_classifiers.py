@@ -9,6 +9,7 @@ import pytest
 
 from cxr_embed import classifiers as C
 from cxr_embed import metrics
+from cxr_embed.array_state import TreeEnsemble
 from cxr_embed.errors import ConfigError
 from cxr_embed.evaluation import synthetic_cohort
 
@@ -85,7 +86,7 @@ def test_forest_arrays_predict_like_sklearn(split) -> None:
 
     X, y, _, _, Xt, _ = split
     forest = RandomForestClassifier(n_estimators=30, min_samples_leaf=2, n_jobs=1, random_state=0).fit(X, y)
-    ours = C.TreeEnsemble.from_sklearn(forest).predict_proba(Xt, chunk=64)  # several chunks
+    ours = TreeEnsemble.from_sklearn(forest).predict_proba(Xt, chunk=64)  # several chunks
     assert np.allclose(ours, forest.predict_proba(Xt)[:, 1], rtol=0, atol=1e-12)
 
 
