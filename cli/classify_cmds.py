@@ -6,7 +6,17 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from cxr_embed_cli.output import JsonOpt, ModelDirOpt, StoreOpt, emit_json, handle_errors, info, print_table
+from cxr_embed_cli.output import (
+    DeviceOpt,
+    JsonOpt,
+    ModelDirOpt,
+    PrecisionOpt,
+    StoreOpt,
+    emit_json,
+    handle_errors,
+    info,
+    print_table,
+)
 
 SUMMARY_COLUMNS = ("target", "classifier", "roc_auc", "ci_low", "ci_high", "accuracy", "f1", "brier", "ece",
                    "sensitivity@sens90", "specificity@sens90", "seconds")
@@ -24,7 +34,7 @@ def classify(
     calibration: Annotated[str, typer.Option("--calibration", help="Post-hoc calibration fitted inside the training folds: none, platt, isotonic, temperature.")] = "none",
     seed: Annotated[int, typer.Option("--seed", help="Seed for folds, held-out slices and the classifiers.")] = 0,
     n_boot: Annotated[int, typer.Option("--bootstrap", help="Bootstrap replicates for the pooled ROC-AUC 95% CI (0 = none).")] = 1000,
-    refit: Annotated[bool, typer.Option("--refit/--no-refit", help="Refit each classifier on all rows and save it under classifiers/ (for `predict`).")] = True,
+    refit: Annotated[bool, typer.Option("--refit/--no-refit", help="Refit each classifier on all rows and save it under classifiers/<run_id>/ (for `predict`).")] = True,
     plots: Annotated[bool, typer.Option("--plots/--no-plots", help="Write ROC, precision-recall and reliability PNGs under plots/<run_id>/.")] = True,
     json_out: JsonOpt = False,
 ) -> None:
@@ -74,30 +84,36 @@ def classify(
 def predict(
     images: Annotated[list[Path], typer.Argument(help="Image files (PNG, JPEG, DICOM) to score.")],
     store: StoreOpt,
-    classifier: Annotated[str, typer.Option("--classifier", "-c", help="Saved classifier under <store>/classifiers/ (e.g. svm, lr-effusion).")],
+    classifier: Annotated[str, typer.Option("--classifier", "-c", help="Saved classifier (e.g. svm, lr-effusion) of the classify run.")],
+    run: Annotated[str | None, typer.Option("--run", help="Classify run whose classifier to use (default: the latest run that saved classifiers).")] = None,
     model_dir: ModelDirOpt = None,
-    device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")] = "auto",
+    device: DeviceOpt = "auto",
+    precision: PrecisionOpt = "fp32",
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images embedded per forward pass.")] = 8,
     json_out: JsonOpt = False,
 ) -> None:
     """Embed new images with the store's model and score them with a classifier saved by `classify`.
 
     Prints the calibrated probability of "abnormal" and the call at each operating point chosen during
-    training (youden: balanced; sens90: triage, 90% sensitivity). The model must match the store's.
-    An unreadable image is reported in its row (error) and the others are still scored.
+    training (youden: balanced; sens90: triage, 90% sensitivity), and which classify run, plan and
+    calibration made the classifier. The model must match the store's. An unreadable image is
+    reported in its row (error) and the others are still scored.
     """
-    from cxr_embed import evaluation
+    from cxr_embed.predict import predict_images
     from cxr_embed.store import Store
 
-    results, meta = evaluation.predict_images(Store.open(store), classifier, images, model_dir=model_dir, device=device)
+    result = predict_images(Store.open(store), classifier, images, run=run, model_dir=model_dir, device=device,
+                            precision=precision, batch_size=batch_size)
     if json_out:
-        emit_json({"classifier": meta["name"], "target": meta["target"], "thresholds": meta["thresholds"],
-                   "predictions": results})
+        emit_json(result)
         return
+    info(f"classifier {result.classifier} ({result.target}) from run {result.run_id}, plan {result.plan_id or '-'}, "
+         f"calibration {result.calibration}")
     rows = [{"image": r.path, "probability": r.probability,
-             **{f"abnormal@{k}": ("yes" if v else "no") for k, v in r.decisions.items()}, "error": r.error or ""}
-            for r in results]
-    thr = ", ".join(f"{k} {v:.3f}" for k, v in meta["thresholds"].items())
-    print_table(rows, title=f"{meta['name']} ({meta['target']}); thresholds: {thr}")
+             **{f"{result.target}@{k}": ("yes" if v else "no") for k, v in r.decisions.items()}, "error": r.error or ""}
+            for r in result.predictions]
+    thr = ", ".join(f"{k} {v:.3f}" for k, v in result.thresholds.items())
+    print_table(rows, title=f"{result.classifier} ({result.target}), run {result.run_id}; thresholds: {thr}")
 
 
 def register(app: typer.Typer) -> None:

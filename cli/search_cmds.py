@@ -32,7 +32,8 @@ def search(
         bool,
         typer.Option(
             "--exclude-same-patient",
-            help="Drop every image of the query's patient (known from the store, or from --patient-id).",
+            help="Also drop the other images of the query's patient (known from the store, or from --patient-id); "
+            "the query image itself is never returned.",
         ),
     ] = False,
     patient_id: Annotated[
@@ -46,6 +47,8 @@ def search(
     Exactly one of --image, --id or --text. An --image is embedded with the store's own model and
     preprocessing (refused if --model-dir holds a different checkpoint); --text uses the text tower.
     Similarity is cosine; the probability weights each labelled neighbour's vote by its similarity.
+    A stored query image (--id, or an --image file that is in the store) is never its own neighbour,
+    so its label never counts in the vote.
     """
     from cxr_embed.errors import ConfigError
 
@@ -85,7 +88,8 @@ def search(
     print_table(rows, title=f"{len(rows)} neighbours of {result.query}", columns=_COLUMNS)
     prob = "n/a (no labelled neighbours)" if result.probability_abnormal is None else f"{result.probability_abnormal:.3f}"
     typer.echo(f"kNN-vote probability of abnormal: {prob}")
-    info(f"{result.candidates} candidate rows, ranked by {result.strategy}")
+    own = "" if result.excluded_row is None else " (the query image itself left out)"
+    info(f"{result.candidates} candidate rows{own}, ranked by {result.strategy}")
 
 
 def register(app: typer.Typer) -> None:

@@ -34,10 +34,9 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from cxr_embed import classifier_files, metrics
 from cxr_embed import classifiers as clf
-from cxr_embed import metrics
-from cxr_embed.atomicio import atomic_path, write_json_atomic
-from cxr_embed.errors import ConfigError, EvaluationError, StoreError
+from cxr_embed.errors import ConfigError, EvaluationError
 from cxr_embed.progress import progress_bar
 from cxr_embed.records import FINDINGS
 from cxr_embed.store import RESULT_SCHEMAS
@@ -373,7 +372,7 @@ def versions() -> dict[str, str]:
     import importlib.metadata as md
 
     out = {"python": platform.python_version()}
-    for pkg in ("cxr-embed", "numpy", "scikit-learn", "torch", "faiss-cpu", "skops"):
+    for pkg in ("cxr-embed", "numpy", "scikit-learn", "torch", "faiss-cpu", "safetensors"):
         try:
             out[pkg] = md.version(pkg)
         except md.PackageNotFoundError:
@@ -531,6 +530,8 @@ def classify_store(store, config: ClassifyConfig) -> ClassifyRun:
     results: list[ModelResult] = []
     leakage: list[int] = []
     preds, mets, saved = [], [], []
+    refits: dict[str, FittedModel] = {}
+    per_model: dict[str, dict] = {}
     skipped: dict[str, str] = {}
     for target in targets:
         column = "label" if target == "abnormal" else target
@@ -567,10 +568,14 @@ def classify_store(store, config: ClassifyConfig) -> ClassifyRun:
             for name in models:
                 fitted = fit_model(name, X[keep], y, groups, config.calibration, config.seed)
                 cv = next(r for r in res if r.classifier == name)
-                saved.append(str(save_model(store, fitted, target, config, run_id, cv.pooled.values)))
+                refits[model_name(name, target)] = fitted
+                per_model[model_name(name, target)] = {"target": target, "cv_metrics": {k: v for k, v in cv.pooled.values.items() if v == v}}
             timings[f"{target}/refit"] = time.perf_counter() - t0
     if not results:
         raise EvaluationError(f"No target could be evaluated: {'; '.join(skipped.values())}.")
+    if refits:
+        meta = {**classifier_files.model_identity(store), "calibration": config.calibration, "versions": versions()}
+        saved = [str(p) for p in classifier_files.save_run_classifiers(store.path, run_id, refits, meta, per_model)]
     subgroups = subgroup_table(results, {k: cols[k] for k in ("sex", "age", "view") if cols[k] is not None})
     mets.extend(subgroup_metrics_tables(run_id, "frozen", subgroups))
     plot_files: list[str] = []
@@ -597,51 +602,6 @@ def classify_store(store, config: ClassifyConfig) -> ClassifyRun:
 def model_name(classifier: str, target: str) -> str:
     """File stem under ``classifiers/``: ``svm`` for the abnormal target, ``svm-effusion`` otherwise."""
     return classifier if target == "abnormal" else f"{classifier}-{target}"
-
-
-def save_model(store, fitted: FittedModel, target: str, config: ClassifyConfig, run_id: str, cv_metrics: dict) -> Path:
-    """Write ``classifiers/<name>.skops`` (skops, no pickle) and ``<name>.json`` (metadata) atomically."""
-    import skops.io as sio
-
-    folder = Path(store.path) / "classifiers"
-    folder.mkdir(parents=True, exist_ok=True)
-    name = model_name(fitted.name, target)
-    payload = {"classifier": fitted.classifier, "calibrator": fitted.calibrator}
-    with atomic_path(folder / f"{name}.skops") as tmp:
-        sio.dump(payload, tmp)
-    meta = {
-        "name": name, "classifier": fitted.name, "target": target, "run_id": run_id,
-        "calibration": config.calibration, "thresholds": fitted.thresholds,
-        "model_id": store.model_id, "checkpoint_sha256": store.checkpoint_sha256,
-        "preprocess_fingerprint": store.preprocess_fingerprint, "dim": store.dim,
-        "heldout_rows": int(len(fitted.heldout_y)), "cv_metrics": {k: v for k, v in cv_metrics.items() if v == v},
-        "created_at": datetime.now(timezone.utc).isoformat(), "versions": versions(),
-    }
-    write_json_atomic(meta, folder / f"{name}.json")
-    return folder / f"{name}.skops"
-
-
-def load_model(store, name: str) -> tuple[FittedModel, dict]:
-    """Load a saved classifier (trusting only cxr-embed, numpy and sklearn types) and its metadata."""
-    import skops.io as sio
-
-    folder = Path(store.path) / "classifiers"
-    path, meta_path = folder / f"{name}.skops", folder / f"{name}.json"
-    if not path.exists() or not meta_path.exists():
-        available = sorted(p.stem for p in folder.glob("*.skops")) if folder.exists() else []
-        raise StoreError(
-            f"No classifier {name!r} in {folder}. Available: {', '.join(available) or 'none'}; "
-            "run `cxr-embed classify` first (it saves the refitted models)."
-        )
-    meta = json.loads(meta_path.read_text())
-    untrusted = sio.get_untrusted_types(file=path)
-    allowed = [t for t in untrusted if t.startswith(("cxr_embed.", "sklearn.", "numpy.", "scipy."))]
-    if set(untrusted) - set(allowed):
-        raise StoreError(f"{path} contains types cxr-embed does not trust: {sorted(set(untrusted) - set(allowed))}.")
-    payload = sio.load(path, trusted=allowed)
-    fitted = FittedModel(meta["classifier"], payload["classifier"], payload["calibrator"], meta["thresholds"],
-                         np.empty(0), np.empty(0))
-    return fitted, meta
 
 
 # ------------------------------------------------------------------------- synthetic cohorts
@@ -691,44 +651,3 @@ def synthetic_cohort(n: int, dim: int = 1024, *, separation: float = 1.0, n_clus
     age = np.clip(rng.normal(47, 17, n_patients), 1, 95).round()[patient].astype(np.float32)
     view = np.where(rng.uniform(size=n) < 0.6, "PA", "AP")
     return SyntheticCohort(np.ascontiguousarray(X, dtype=np.float32), y, np.array([f"p{p:06d}" for p in patient]), sex, age, view)
-
-
-@dataclass
-class ImagePrediction:
-    """``predict`` output for one image: calibrated probability and the calls at each operating point."""
-
-    path: str
-    probability: float | None
-    decisions: dict[str, bool]
-    error: str | None = None
-
-
-def predict_images(store, classifier: str, paths: Sequence[str | Path], *, model=None,
-                   model_dir: str | Path | None = None, device: str = "auto") -> tuple[list[ImagePrediction], dict]:
-    """Embed new images with the store's model and apply a saved classifier.
-
-    The model must be the one the store (and so the classifier) was built with:
-    ``Store.check_compatible`` refuses anything else. An unreadable image gets an ``error`` and
-    the others are still scored. Returns the predictions and the classifier's metadata.
-    """
-    from cxr_embed.decode import decode_image
-    from cxr_embed.records import ReadFailure
-
-    fitted, meta = load_model(store, classifier)
-    store.check_compatible(meta["model_id"], meta["checkpoint_sha256"], meta["preprocess_fingerprint"])
-    if model is None:
-        from cxr_embed.store import load_store_model
-
-        model = load_store_model(store, model_dir, device=device)
-    store.check_compatible(model.model_id, model.checkpoint_sha256, model.preprocessor.fingerprint())
-    out: list[ImagePrediction] = []
-    for path in paths:
-        pixels = decode_image(path, model.preprocessor)
-        if isinstance(pixels, ReadFailure):
-            out.append(ImagePrediction(str(path), None, {}, pixels.reason))
-            continue
-        emb = model.encode_images(model.preprocessor.normalize(pixels[None])).numpy()
-        prob = fitted.predict_proba(emb)
-        calls = {k: bool(v[0]) for k, v in fitted.decisions(prob).items()}
-        out.append(ImagePrediction(str(path), float(prob[0]), calls))
-    return out, meta

@@ -8,11 +8,13 @@ connection is also locked down: file access is limited to the store folder
 (``lock_configuration``), which also blocks installing or loading extensions. The parquet-backed
 views keep working because their files live under the store folder.
 
-The ``neighbors(image_id, k := 10)`` table macro ranks every stored embedding by
-``array_cosine_similarity`` with the query image's embedding (exact, a full scan: fine for ad-hoc SQL
-on stores up to a few hundred thousand rows; use :func:`cxr_embed.retrieval.search` for the FAISS
-index, filters and patient exclusion). Embeddings are unit-norm, so cosine equals the inner product
-that ``search`` reports. The query image itself comes back first (similarity 1).
+The ``neighbors(image_id, k := 10, exclude_same_patient := false)`` table macro ranks every stored
+embedding by ``array_cosine_similarity`` with the query image's embedding (exact, a full scan: fine
+for ad-hoc SQL on stores up to a few hundred thousand rows; use :func:`cxr_embed.retrieval.search`
+for the FAISS index and filters). Embeddings are unit-norm, so cosine equals the inner product that
+``search`` reports. The query image itself is never returned (as in ``search --id``), so a kNN vote
+over the result never counts its own label; its patient's other images are, unless
+``exclude_same_patient := true``.
 """
 
 from __future__ import annotations
@@ -37,11 +39,16 @@ _ALLOWED_TYPES = ("SELECT", "EXPLAIN")
 
 
 _NEIGHBORS_MACRO = """
-    CREATE OR REPLACE TEMP MACRO neighbors(query_image_id, k := 10) AS TABLE
-    WITH q AS (SELECT embedding AS v FROM embeddings WHERE image_id = query_image_id LIMIT 1),
+    CREATE OR REPLACE TEMP MACRO neighbors(query_image_id, k := 10, exclude_same_patient := false) AS TABLE
+    WITH q AS (SELECT row_id AS own, embedding AS v FROM embeddings WHERE image_id = query_image_id LIMIT 1),
+    same_patient AS (
+        SELECT i.row_id FROM images i, images qi, q
+        WHERE exclude_same_patient AND qi.row_id = q.own AND i.patient_id = qi.patient_id
+    ),
     top AS (
         SELECT e.row_id, e.image_id, array_cosine_similarity(e.embedding, q.v) AS similarity
         FROM embeddings e, q
+        WHERE e.row_id <> q.own AND e.row_id NOT IN (SELECT row_id FROM same_patient)
         ORDER BY similarity DESC, e.row_id
         LIMIT k
     )

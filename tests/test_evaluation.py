@@ -10,6 +10,7 @@ import pytest
 from cxr_embed import evaluation as E
 from cxr_embed import metrics
 from cxr_embed.errors import ConfigError, EvaluationError
+from cxr_embed.predict import load_model
 
 
 def _cohort(n: int = 400, seed: int = 0):
@@ -125,7 +126,7 @@ def test_subgroup_table_plots_and_saved_models(signal_run, signal_arrays) -> Non
     emb, rows = signal_arrays
     y = np.array([r["label"] for r in rows])
     for name in ("svm", "lr", "knn", "rf", "mlp"):
-        fitted, meta = E.load_model(store, name)
+        fitted, meta = load_model(store, name)
         assert meta["target"] == "abnormal" and meta["calibration"] == "platt"
         assert set(fitted.thresholds) == {"youden", "sens90"}
         prob = fitted.predict_proba(emb)

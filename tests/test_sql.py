@@ -28,12 +28,15 @@ def test_neighbors_macro_matches_search(search_store) -> None:
     table = run_query(search_store, "SELECT * FROM neighbors('00000003_004.png', 5)")
     assert table.column_names == ["rank", "row_id", "image_id", "patient_id", "label", "similarity"]
     assert table.column("rank").to_pylist() == [1, 2, 3, 4, 5]
-    assert table.column("image_id")[0].as_py() == "00000003_004.png"
-    assert table.column("similarity")[0].as_py() == pytest.approx(1.0, abs=1e-5)
+    assert "00000003_004.png" not in table.column("image_id").to_pylist()  # never the query itself
     expected = retrieval.search_by_ids(search_store, ["00000003_004.png"], k=5)[0]
     assert table.column("row_id").to_pylist() == [n.row_id for n in expected]
     default_k = run_query(search_store, "SELECT count(*) AS n FROM neighbors('00000003_004.png')")
     assert default_k.column("n")[0].as_py() == 10
+    other = run_query(search_store, "SELECT * FROM neighbors('00000003_004.png', 5, exclude_same_patient := true)")
+    expected = retrieval.search_by_ids(search_store, ["00000003_004.png"], k=5, exclude_same_patient=True)[0]
+    assert other.column("row_id").to_pylist() == [n.row_id for n in expected]
+    assert "00000003" not in other.column("patient_id").to_pylist()
 
 
 @pytest.mark.parametrize(
