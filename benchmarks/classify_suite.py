@@ -73,23 +73,25 @@ def main(argv: list[str] | None = None) -> int:
 
     import numpy as np
 
-    from cxr_embed import evaluation as E
+    from cxr_embed import crossval as E
     from cxr_embed import metrics
+    from cxr_embed import plans as P
     from cxr_embed.classifiers import parse_models
+    from cxr_embed.cohort import synthetic_cohort
 
     _limit_threads(args.threads)
     warnings.filterwarnings("ignore", message="The `probability` parameter", category=FutureWarning)
     models = parse_models(args.models)
     out: dict = {"n": args.n, "dim": args.dim, "threads": args.threads, "cpu_count": os.cpu_count()}
     t0 = time.perf_counter()
-    cohort = E.synthetic_cohort(args.n, args.dim, separation=args.separation, seed=args.seed)
-    groups = E.group_ids(cohort.patients)
+    cohort = synthetic_cohort(args.n, args.dim, separation=args.separation, seed=args.seed)
+    groups = P.group_ids(cohort.patients)
     print(f"cohort {args.n} x {args.dim}: {len(np.unique(groups))} patients, prevalence {cohort.labels.mean():.3f} "
           f"({time.perf_counter() - t0:.1f} s)", flush=True)
 
     if not args.skip_cv:
         t0 = time.perf_counter()
-        folds = E.patient_group_folds(cohort.labels, groups, args.folds, args.seed)
+        folds = P.patient_group_folds(cohort.labels, groups, args.folds, args.seed)
         out["fold_seconds"] = time.perf_counter() - t0
         cv = {}
         for name in models:
@@ -111,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         rng = np.random.default_rng(args.seed)
         sub = np.sort(rng.choice(args.n, min(args.subsample, args.n), replace=False))
         X, y, g = cohort.embeddings[sub], cohort.labels[sub].astype(int), groups[sub]
-        (fold, *_) = E.patient_group_folds(y, g, 5, args.seed)
+        (fold, *_) = P.patient_group_folds(y, g, 5, args.seed)
         Xtr, ytr, Xte, yte = X[fold.train], y[fold.train], X[fold.test], y[fold.test]
         comparison = {}
         for name in models:
@@ -126,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
             t = time.perf_counter()
             # like for like: sklearn fits on the rows ours fitted on (ours kept a held-out slice of the
             # training patients for tuning/calibration/thresholds; SVC does its Platt CV internally)
-            fit_rows, _ = E.holdout_slice(ytr, g[fold.train], seed=args.seed)
+            fit_rows, _ = P.holdout_slice(ytr, g[fold.train], seed=args.seed)
             ref = exact_sklearn(name, ours, args.seed).fit(Xtr[fit_rows], ytr[fit_rows])
             auc_ref = metrics.roc_auc(yte, ref.predict_proba(Xte)[:, 1])
             t_ref = time.perf_counter() - t

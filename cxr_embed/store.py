@@ -309,6 +309,9 @@ class Store:
         errors = self.path / ERRORS_FILE
         body = f"SELECT * FROM read_parquet({_sql_list([str(errors.resolve())])})" if errors.exists() else _empty_select(ERRORS_SCHEMA)
         con.execute(f"CREATE VIEW errors AS {body}")
+        from cxr_embed.views import register_result_views  # latest_metrics, latest_predictions, study
+
+        register_result_views(con)
         return con
 
     # -- results
@@ -413,7 +416,7 @@ def _duck_type(t: pa.DataType) -> str:
     if pa.types.is_timestamp(t):
         return "TIMESTAMPTZ" if t.tz else "TIMESTAMP"
     simple = {pa.int64(): "BIGINT", pa.int32(): "INTEGER", pa.int8(): "TINYINT", pa.string(): "VARCHAR",
-              pa.float32(): "FLOAT", pa.float64(): "DOUBLE"}
+              pa.float32(): "FLOAT", pa.float64(): "DOUBLE", pa.bool_(): "BOOLEAN"}
     return simple[t]
 
 

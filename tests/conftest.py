@@ -180,7 +180,7 @@ def signal_arrays():
     """
     import numpy as np
 
-    from cxr_embed.evaluation import synthetic_cohort
+    from cxr_embed.cohort import synthetic_cohort
     from cxr_embed.records import FINDINGS
 
     c = synthetic_cohort(600, 32, separation=3.0, n_clusters=8, seed=1)
@@ -272,9 +272,9 @@ def search_store(tmp_path_factory: pytest.TempPathFactory, search_arrays):
     emb, rows = search_arrays
     store = build_store_from_arrays(tmp_path_factory.mktemp("search") / "store", emb, rows)
     store.write_results("predictions", pa.table({
-        "run_id": ["r1"] * 4, "arm": ["frozen"] * 4, "classifier": ["logreg"] * 4, "target": ["abnormal"] * 4,
+        "run_id": ["r1"] * 4, "plan_id": ["kfold-test"] * 4, "arm": ["frozen"] * 4, "classifier": ["logreg"] * 4, "target": ["abnormal"] * 4,
         "fold": [0, 0, 1, 1], "row_id": [0, 10, 20, 30], "image_id": [rows[i]["image_id"] for i in (0, 10, 20, 30)],
-        "probability": [0.1, 0.9, 0.2, 0.8], "label": [rows[i]["label"] for i in (0, 10, 20, 30)],
+        "probability": [0.1, 0.9, 0.2, 0.8], "probability_raw": [0.1, 0.9, 0.2, 0.8], "label": [rows[i]["label"] for i in (0, 10, 20, 30)],
     }))
     return store
 
