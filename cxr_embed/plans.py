@@ -324,15 +324,17 @@ def make_plan(store, settings: PlanSettings) -> Plan:
     y = np.asarray(meta.column("label").to_numpy(zero_copy_only=False), dtype=np.float64)[pos].astype(
         np.int64
     )
-    groups = group_ids(meta.column("patient_id").to_pylist())[pos]
+    image_ids = np.asarray(meta.column("image_id").to_pylist(), dtype=object)
+    # patient ids as keys (a missing one: the image is its own patient), so carving orders patients by id
+    groups = np.array([p or f"image:{i}" for p, i in zip(meta.column("patient_id").to_pylist(), image_ids, strict=True)],
+                      dtype=object)[pos]
     if settings.sample is not None:
         sub = sample_patients(y, groups, settings.sample, settings.seed)
         pos, y, groups = pos[sub], y[sub], groups[sub]
     official = np.asarray([s or "" for s in meta.column("split").to_pylist()], dtype=object)[pos]
     fold, split = _assign(settings, y, groups, official)
     ids = row_id[pos]
-    image_id = np.asarray(meta.column("image_id").to_pylist(), dtype=object)[pos]
-    return Plan(plan_id_for(settings, ids), settings, ids, image_id, fold, split)
+    return Plan(plan_id_for(settings, ids), settings, ids, image_ids[pos], fold, split)
 
 
 def plan_table(plan: Plan) -> pa.Table:
