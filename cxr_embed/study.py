@@ -31,7 +31,7 @@ import pyarrow.compute as pc
 
 from cxr_embed import metrics, stats
 from cxr_embed.errors import EvaluationError
-from cxr_embed.plans import group_ids
+from cxr_embed.plans import group_ids, load_plan
 from cxr_embed.schema import RESULT_SCHEMAS
 
 FROZEN, FINETUNED = "frozen", "finetuned"
@@ -105,6 +105,7 @@ class StudyResult:
     arms: list[Arm]
     reference: str
     comparisons: list[Comparison]
+    plan: str = ""     # the plan, in words
     figures: list[str] = field(default_factory=list)
 
     def table(self) -> list[dict[str, Any]]:
@@ -149,7 +150,7 @@ def _predictions(con, plan_id: str, config: StudyConfig) -> pa.Table:
         sql = (f"SELECT {cols} FROM latest_predictions WHERE plan_id = $plan AND target = $target AND arm <> "
                f"'{FINETUNED}' UNION ALL SELECT {cols} FROM predictions WHERE run_id = $run AND target = $target")
         params["run"] = config.finetune_run
-    table = con.execute(sql, params).arrow()
+    table = con.sql(sql, params=params).to_arrow_table()
     if config.finetune_run:
         runs = table.filter(pc.equal(table.column("run_id"), config.finetune_run))
         if runs.num_rows == 0:
@@ -244,6 +245,7 @@ def run_study(store, config: StudyConfig | None = None) -> StudyResult:
     config = config or StudyConfig()
     con = store.connect()
     plan_id = config.plan_id or _default_plan(con, config.target)
+    plan = load_plan(store, plan_id)  # an unknown id fails here, listing the known plans
     table = _predictions(con, plan_id, config)
     if table.num_rows == 0:
         raise EvaluationError(f"No {config.target!r} predictions on plan {plan_id}: run `cxr-embed classify "
@@ -259,7 +261,7 @@ def run_study(store, config: StudyConfig | None = None) -> StudyResult:
     comparisons = [compare(a, ref, y, clusters, config.n_boot, config.seed) for a in arms if a is not ref]
     result = StudyResult(f"study-{datetime.now(timezone.utc):%Y%m%dT%H%M%S}-{secrets.token_hex(3)}", plan_id,
                          config.target, len(images), len(np.unique(clusters)), float(y.mean()), arms, ref.name,
-                         comparisons)
+                         comparisons, plan=plan.describe())
     if config.plots:
         from cxr_embed import plots
 
