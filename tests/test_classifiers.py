@@ -7,8 +7,8 @@ import pytest
 
 from cxr_embed import classifiers as C
 from cxr_embed import metrics
-from cxr_embed.errors import ConfigError
 from cxr_embed.cohort import synthetic_cohort
+from cxr_embed.errors import ConfigError
 
 
 @pytest.fixture(scope="module")

@@ -306,7 +306,8 @@ def test_short_run_learns_and_writes_the_classify_tables_into_a_store(synth_cxr1
                    strict=True))
     assert preds and all(p["arm"] == "finetuned" and p["row_id"] == ids[p["image_id"]] for p in preds)
     with st.connect() as con:
-        n = con.execute("SELECT count(*) FROM metrics WHERE arm = 'finetuned' AND metric = 'roc_auc' AND fold = -1"
+        n = con.execute("SELECT count(*) FROM metrics WHERE arm = 'finetuned' AND metric = 'roc_auc' AND fold = -1 "
+                        "AND subgroup IS NULL"
                         ).fetchone()[0]
         kind = con.execute("SELECT kind FROM runs").fetchone()[0]
     assert n == 1 and kind == "finetune"
