@@ -100,7 +100,7 @@ def _check_name(value: str, what: str) -> str:
 
 
 def _calibrator_state(calibrator: Any) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """JSON fields and arrays of a fitted ``evaluation.Calibrator`` (None = no calibration)."""
+    """JSON fields and arrays of a fitted ``calibration.Calibrator`` (None = no calibration)."""
     if calibrator is None:
         return {"method": "none"}, {}
     if calibrator.method != "isotonic":
@@ -132,7 +132,7 @@ def save_run_classifiers(
 ) -> list[Path]:
     """Write every classifier of one run to ``classifiers/<run_id>/`` and point ``latest.json`` at it.
 
-    ``fitted`` maps a file name (``svm``, ``lr-effusion``) to an ``evaluation.FittedModel``;
+    ``fitted`` maps a file name (``svm``, ``lr-effusion``) to an ``crossval.FittedModel``;
     ``meta`` is recorded in every JSON file (model identity, calibration, ``plan_id``, ...);
     ``per_model[name]`` adds fields of one file (target, CV metrics). Call once per run: the
     folder is built aside and swapped in whole. Returns the ``.safetensors`` paths.
@@ -301,7 +301,7 @@ def _check_doc(doc: Any, name: str, run: str, path: Path) -> type[Persistent]:
 
 
 def _calibrator(fields: dict[str, Any], arrays: dict[str, np.ndarray], path: Path) -> dict[str, Any] | None:
-    """Keyword arguments of ``evaluation.Calibrator`` from the JSON fields and calibration arrays."""
+    """Keyword arguments of ``calibration.Calibrator`` from the JSON fields and calibration arrays."""
     method = fields["method"]
     expected = _CALIBRATION_ARRAYS if method == "isotonic" else set()
     if set(arrays) != expected:

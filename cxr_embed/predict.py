@@ -17,7 +17,8 @@ import numpy as np
 
 from cxr_embed import classifier_files
 from cxr_embed import classifiers as clf
-from cxr_embed.evaluation import Calibrator, FittedModel
+from cxr_embed.calibration import Calibrator
+from cxr_embed.crossval import FittedModel
 
 
 @dataclass

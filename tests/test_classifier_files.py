@@ -25,9 +25,12 @@ from typer.testing import CliRunner
 
 from cxr_embed import classifier_files as F
 from cxr_embed import classifiers as C
-from cxr_embed import evaluation as E
 from cxr_embed import metrics
+from cxr_embed.calibration import Calibrator, fit_calibrator
+from cxr_embed.cohort import synthetic_cohort
+from cxr_embed.crossval import FittedModel, fit_model
 from cxr_embed.errors import ConfigError, StoreError
+from cxr_embed.plans import group_ids
 
 runner = CliRunner()
 
@@ -37,23 +40,23 @@ CALIBRATED = {"svm": "none", "lr": "platt", "knn": "isotonic", "rf": "temperatur
 
 @pytest.fixture(scope="module")
 def cohort():
-    c = E.synthetic_cohort(360, 16, separation=2.5, n_clusters=4, seed=3)
-    return c.embeddings, c.labels.astype(int), E.group_ids(list(c.patients))
+    c = synthetic_cohort(360, 16, separation=2.5, n_clusters=4, seed=3)
+    return c.embeddings, c.labels.astype(int), group_ids(list(c.patients))
 
 
 @pytest.fixture(scope="module")
 def fitted(cohort):
     X, y, groups = cohort
     out = {
-        name: E.fit_model(name, X[:300], y[:300], groups[:300], calibration, seed=0)
+        name: fit_model(name, X[:300], y[:300], groups[:300], calibration, seed=0)
         for name, calibration in CALIBRATED.items()
         if name != "mlp"
     }
     # the MLP with 2 epochs (its default 20 cost seconds here); calibrated and thresholded the same way
     mlp = C.MlpClassifier(epochs=2).fit(X[:250], y[:250])
     raw = mlp.predict_proba(X[250:300])
-    cal = E.fit_calibrator(CALIBRATED["mlp"], raw, y[250:300])
-    out["mlp"] = E.FittedModel(
+    cal = fit_calibrator(CALIBRATED["mlp"], raw, y[250:300])
+    out["mlp"] = FittedModel(
         "mlp", mlp, cal, metrics.operating_points(y[250:300], cal(raw)), y[250:300], cal(raw)
     )
     return out
@@ -61,10 +64,10 @@ def fitted(cohort):
 
 def saved_prob(saved: F.SavedClassifier, X: np.ndarray) -> np.ndarray:
     """What ``predict`` computes from a loaded file (classifier, then its calibrator)."""
-    model = E.FittedModel(
+    model = FittedModel(
         saved.meta["classifier"],
         saved.classifier,
-        E.Calibrator(**saved.calibrator) if saved.calibrator else None,
+        Calibrator(**saved.calibrator) if saved.calibrator else None,
         saved.thresholds,
         np.empty(0),
         np.empty(0),

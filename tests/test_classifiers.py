@@ -10,8 +10,8 @@ import pytest
 from cxr_embed import classifiers as C
 from cxr_embed import metrics
 from cxr_embed.array_state import TreeEnsemble
+from cxr_embed.cohort import synthetic_cohort
 from cxr_embed.errors import ConfigError
-from cxr_embed.evaluation import synthetic_cohort
 
 
 @pytest.fixture(scope="module")
@@ -133,13 +133,14 @@ def test_parse_models_and_thread_limits() -> None:
 
 def test_knn_out_of_fold_votes_never_count_the_row_itself() -> None:
     """Pure-noise labels: an out-of-fold vote that counted the row itself would score above chance."""
-    from cxr_embed import evaluation as E
+    from cxr_embed.crossval import cross_validate
+    from cxr_embed.plans import patient_group_folds
 
     rng = np.random.default_rng(0)
     X, y = rng.normal(size=(400, 8)).astype(np.float32), rng.integers(0, 2, 400)
     groups = np.arange(400)
-    folds = E.patient_group_folds(y, groups, 4, seed=0)
-    (result,) = E.cross_validate(X, y, groups, folds, ["knn"], n_boot=0, fold_n_boot=0)
+    folds = patient_group_folds(y, groups, 4, seed=0)
+    (result,) = cross_validate(X, y, groups, folds, ["knn"], n_boot=0, fold_n_boot=0)
     assert sorted(result.rows) == list(range(400))  # every row scored exactly once, by a model not trained on it
     assert abs(metrics.roc_auc(result.labels, result.prob) - 0.5) < 0.1
     with_itself = C.KnnClassifier(k=5).fit(X, y).predict_proba(X)  # what counting the row itself looks like

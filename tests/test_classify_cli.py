@@ -64,7 +64,7 @@ def test_predict_scores_new_images_with_the_store_model(classified_store, synth_
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"not a png")
     run = predict_images(Store.open(path), "lr", [images[0], broken, *images[1:]], model=tiny_model, batch_size=2)
-    assert (run.run_id, run.calibration, run.target, run.plan_id) == (doc["run_id"], "platt", "abnormal", None)
+    assert (run.run_id, run.calibration, run.target, run.plan_id) == (doc["run_id"], "platt", "abnormal", doc["plan_id"])
     assert set(run.thresholds) == {"youden", "sens90"} and run.model_id == tiny_model.model_id
     good = [r for r in run.predictions if r.error is None]
     assert [r.path for r in good] == [str(p) for p in images]  # the bad file in a batch does not sink the others

@@ -276,7 +276,8 @@ def _check_export(run_dir: Path) -> None:
     meta = json.loads((run_dir / "model" / "head.json").read_text())
     assert head["weight"].shape == (len(meta["targets"]), base.module.cfg.image.feature_dim)
     assert float(head["temperature"]) == pytest.approx(meta["temperature"]) and meta["temperature"] > 0
-    for name, schema in RESULT_SCHEMAS.items():
+    for name in ("predictions", "metrics", "runs"):  # a run without --store writes these into its folder
+        schema = RESULT_SCHEMAS[name]
         table = pq.read_table(run_dir / "results" / name)
         assert table.schema.names == schema.names and table.num_rows > 0
     preds = pq.read_table(run_dir / "results" / "predictions").to_pylist()
@@ -293,7 +294,7 @@ def test_short_run_learns_and_writes_the_classify_tables_into_a_store(synth_cxr1
     records = read_dataset(synth_cxr14)
     store = build_store_from_arrays(tmp_path / "store", np.eye(len(records), 8, dtype=np.float32) + 0.1, records)
     cfg = _small_config(synth_cxr14, tmp_path / "run", epochs=2, batch_size=4, accumulate=1, freeze_stages=3,
-                        ema=None, val_fraction=0.3, store=str(tmp_path / "store"))
+                        ema=None, val_fraction=0.3, store=str(tmp_path / "store"), split="official")
     result = finetune(cfg, progress=False)
     assert result.status == "completed" and result.state.global_step == 2 * math.ceil(result.n_images["train"] / 4)
     first, last = result.state.history[0], result.state.history[-1]
@@ -306,11 +307,35 @@ def test_short_run_learns_and_writes_the_classify_tables_into_a_store(synth_cxr1
                    strict=True))
     assert preds and all(p["arm"] == "finetuned" and p["row_id"] == ids[p["image_id"]] for p in preds)
     with st.connect() as con:
-        n = con.execute("SELECT count(*) FROM metrics WHERE arm = 'finetuned' AND metric = 'roc_auc' AND fold = -1"
+        n = con.execute("SELECT count(*) FROM metrics WHERE arm = 'finetuned' AND metric = 'roc_auc' AND fold = -1 "
+                        "AND subgroup IS NULL"
                         ).fetchone()[0]
         kind = con.execute("SELECT kind FROM runs").fetchone()[0]
     assert n == 1 and kind == "finetune"
     assert list((tmp_path / "run" / "plots" / result.run_id).glob("*.png"))
+    _both_arms_on_the_same_rows(st, result)
+
+
+def _both_arms_on_the_same_rows(store, result) -> None:
+    """classify on the fine-tune's plan scores exactly its test images; study pairs them; other plans are refused."""
+    from cxr_embed.errors import EvaluationError
+    from cxr_embed.evaluation import ClassifyConfig, classify_store
+    from cxr_embed.study import StudyConfig, run_study
+
+    frozen = classify_store(store, ClassifyConfig(models=("lr",), plan_id=result.plan_id, n_boot=0, refit=False,
+                                                  plots=False))
+    with store.connect() as con:
+        ids = {arm: {v for (v,) in con.execute("SELECT image_id FROM latest_predictions WHERE arm = ?", [arm])
+                     .fetchall()} for arm in ("frozen", "finetuned")}
+    assert ids["frozen"] == ids["finetuned"] and len(ids["frozen"]) == result.n_images["test"]
+    study = run_study(store, StudyConfig(n_boot=50, plots=False))
+    assert study.plan_id == result.plan_id == frozen.plan_id and study.n_images == result.n_images["test"]
+    (cmp,) = study.comparisons
+    assert cmp.reference == "frozen/lr" and cmp.arm == "finetuned/finetune" and 0 <= cmp.delong_p <= 1
+    other = classify_store(store, ClassifyConfig(models=("lr",), folds=2, n_boot=0, refit=False, plots=False))
+    assert other.plan_id != result.plan_id
+    with pytest.raises(EvaluationError, match="evaluated on plan .* cannot be compared"):
+        run_study(store, StudyConfig(plan_id=other.plan_id, finetune_run=result.run_id, n_boot=0, plots=False))
 
 
 @pytest.mark.slow

@@ -54,6 +54,7 @@ def pristine(tmp_path_factory: pytest.TempPathFactory) -> Path:
             "params": ["{}"],
             "versions": ["{}"],
             "timings": ["{}"],
+            "warnings": ["[]"],
         }
     )
     Store.open(path).write_results("runs", run)

@@ -288,6 +288,9 @@ class Store:
             else empty_select(ERRORS_SCHEMA)
         )
         con.execute(f"CREATE VIEW errors AS {body}")
+        from cxr_embed.views import register_result_views  # latest_metrics, latest_predictions, study
+
+        register_result_views(con)
         return con
 
     def verify_files(self) -> None:
@@ -295,9 +298,9 @@ class Store:
         for i in range(len(self.manifest["shards"])):
             self.shard_table(i, ["row_id"])
         self.errors()
-        for table in RESULT_SCHEMAS:
+        for table, schema in RESULT_SCHEMAS.items():
             for entry in self._result_entries(table):
-                read_table_verified(self.path, entry, "result file", ["run_id"])
+                read_table_verified(self.path, entry, "result file", [schema.names[0]])
 
     # -- results
 

@@ -125,6 +125,7 @@ def duck_type(t: pa.DataType) -> str:
         pa.string(): "VARCHAR",
         pa.float32(): "FLOAT",
         pa.float64(): "DOUBLE",
+        pa.bool_(): "BOOLEAN",
     }
     return simple[t]
 
