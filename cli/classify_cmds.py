@@ -128,17 +128,27 @@ def warn_all(warnings: list[str]) -> None:
         stderr.print(f"[bold yellow]Warning:[/] {w}", highlight=False)
 
 
-STUDY_COLUMNS = ("arm", "classifier", "n", "roc_auc", "roc_auc_ci", "accuracy", "f1", "sensitivity@sens90",
-                 "specificity@sens90", "brier", "brier_ci", "ece", "auc_diff_vs_ref", "auc_diff_ci", "delong_p",
-                 "brier_diff_vs_ref", "brier_diff_ci")
+def _with_ci(value, ci) -> str:
+    if value is None or value != value:
+        return ""
+    if ci is None or ci[0] is None or ci[0] != ci[0]:
+        return f"{value:.3f}"
+    return f"{value:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]"
 
 
 def study_rows(table: list[dict]) -> list[dict]:
-    """The study table with CIs as ``[low, high]`` text, for print_table."""
-    def ci(v):
-        return "" if v is None or v[0] is None or v[0] != v[0] else f"[{v[0]:.3f}, {v[1]:.3f}]"
-
-    return [{k: ci(v) if k.endswith("_ci") else v for k, v in row.items()} for row in table]
+    """The study table for print_table: each value with its 95% CI in one cell, best ROC-AUC first."""
+    rows = []
+    for r in sorted(table, key=lambda r: -(r["roc_auc"] if r["roc_auc"] == r["roc_auc"] else -1)):
+        rows.append({
+            "arm": r["arm"], "classifier": r["classifier"], "n": r["n"],
+            "ROC-AUC [95% CI]": _with_ci(r["roc_auc"], r["roc_auc_ci"]),
+            "accuracy": r["accuracy"], "F1": r["f1"], "sens@sens90": r["sensitivity@sens90"],
+            "spec@sens90": r["specificity@sens90"], "Brier [95% CI]": _with_ci(r["brier"], r["brier_ci"]),
+            "ECE": r["ece"], "ΔAUC vs ref [95% CI]": _with_ci(r["auc_diff_vs_ref"], r["auc_diff_ci"]) or "reference",
+            "DeLong p": r["delong_p"],
+        })
+    return rows
 
 
 @handle_errors
@@ -175,7 +185,7 @@ def study(
                    "n_images": result.n_images, "n_patients": result.n_patients, "reference": result.reference,
                    "table": result.table(), "comparisons": result.comparisons, "figures": result.figures})
         return
-    print_table(study_rows(result.table()), columns=STUDY_COLUMNS,
+    print_table(study_rows(result.table()),
                 title=f"Study on plan {result.plan_id}: {result.n_images} images of {result.n_patients} patients "
                       f"(prevalence {result.prevalence:.2f}), every arm on the same rows; 95% CIs resample patients; "
                       f"paired tests vs {result.reference}")
