@@ -174,7 +174,7 @@ TINY_STORE_SHARD_SIZE = 16
 def signal_arrays():
     """(embeddings, rows) of 600 images (~165 patients, 32-d) with a strong known label signal.
 
-    Built by ``evaluation.synthetic_cohort`` (separation 3: every classifier reaches ROC-AUC > 0.9);
+    Built by ``cohort.synthetic_cohort`` (separation 3: every classifier reaches ROC-AUC > 0.9);
     abnormal rows carry 1-2 of the first four FINDINGS, so the other ten have no positives. Patients
     with an even number are ``train``, odd ``test`` (for ``--split official``).
     """
