@@ -44,7 +44,7 @@ STUDY_METRICS = ("roc_auc", "accuracy", "f1", *(f"{m}@{o}" for o in OPERATING_PO
 class StudyConfig:
     """Options of ``cxr-embed study``."""
 
-    plan_id: str | None = None         # default: the latest plan with predictions from the most arms
+    plan_id: str | None = None         # default: --finetune-run's plan, else the plan with the most arms
     models: tuple[str, ...] | None = None   # frozen classifiers to include (default: all on the plan)
     finetune_run: str | None = None    # this fine-tuning run instead of the plan's latest one
     target: str = "abnormal"
@@ -139,6 +139,14 @@ def _default_plan(con, target: str) -> str:
         raise EvaluationError(f"No predictions for {target!r} on a stored plan yet: run `cxr-embed classify` "
                               "(and `cxr-embed finetune --store ...`) first.")
     return rows[0][0]
+
+
+def _run_plan(con, run_id: str | None) -> str | None:
+    """The plan a named (fine-tuning) run was evaluated on: the study's default plan then."""
+    if not run_id:
+        return None
+    row = con.execute("SELECT any_value(plan_id) FROM predictions WHERE run_id = ?", [run_id]).fetchone()
+    return row[0] if row else None
 
 
 def _predictions(con, plan_id: str, config: StudyConfig) -> pa.Table:
@@ -244,7 +252,7 @@ def run_study(store, config: StudyConfig | None = None) -> StudyResult:
     """Score every arm of one plan on the same rows, compare with the reference, write ``studies``."""
     config = config or StudyConfig()
     con = store.connect()
-    plan_id = config.plan_id or _default_plan(con, config.target)
+    plan_id = config.plan_id or _run_plan(con, config.finetune_run) or _default_plan(con, config.target)
     plan = load_plan(store, plan_id)  # an unknown id fails here, listing the known plans
     table = _predictions(con, plan_id, config)
     if table.num_rows == 0:
