@@ -145,8 +145,8 @@ def _run_plan(con, run_id: str | None) -> str | None:
     """The plan a named (fine-tuning) run was evaluated on: the study's default plan then."""
     if not run_id:
         return None
-    row = con.execute("SELECT any_value(plan_id) FROM predictions WHERE run_id = ?", [run_id]).fetchone()
-    return row[0] if row else None
+    rows = con.execute("SELECT any_value(plan_id) FROM predictions WHERE run_id = ?", [run_id]).fetchall()
+    return rows[0][0] if rows else None
 
 
 def _predictions(con, plan_id: str, config: StudyConfig) -> pa.Table:
