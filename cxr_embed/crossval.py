@@ -172,7 +172,9 @@ def cross_validate(
                 )
                 bar.advance()
             if warnings:  # one line per classifier: the first fold's words, and how many folds had one
-                warnings = [f"{name}, {len(warnings)} warning(s) over {len(folds)} fold(s), e.g.: {warnings[0]}"]
+                warnings = [
+                    f"{name}, {len(warnings)} warning(s) over {len(folds)} fold(s), e.g.: {warnings[0]}"
+                ]
             fold_local = np.searchsorted([f.index for f in folds], fold_of[test_idx])
             pooled = pooled_metrics(
                 y[test_idx], prob[test_idx], fold_local, thresholds, n_boot, seed, groups[test_idx]

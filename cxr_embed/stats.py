@@ -74,7 +74,9 @@ class _ClusteredAuc:
         return _auc_from_counts(pos, neg)
 
 
-def _per_cluster(codes: np.ndarray, n_clusters: int, columns: dict[str, np.ndarray]) -> tuple[list[str], np.ndarray]:
+def _per_cluster(
+    codes: np.ndarray, n_clusters: int, columns: dict[str, np.ndarray]
+) -> tuple[list[str], np.ndarray]:
     """Per-cluster sums of row quantities: every linear metric of a replicate is ``draws @ sums``."""
     names = list(columns)
     sums = np.stack([np.bincount(codes, weights=columns[k], minlength=n_clusters) for k in names], axis=1)
@@ -87,11 +89,15 @@ def _percentiles(reps: dict[str, list[float]], level: float) -> dict[str, tuple[
     for name, values in reps.items():
         v = np.asarray(values, dtype=np.float64)
         v = v[~np.isnan(v)]
-        out[name] = tuple(float(x) for x in np.quantile(v, [alpha, 1 - alpha])) if v.size else (np.nan, np.nan)
+        out[name] = (
+            tuple(float(x) for x in np.quantile(v, [alpha, 1 - alpha])) if v.size else (np.nan, np.nan)
+        )
     return out
 
 
-def _linear_columns(y: np.ndarray, p: np.ndarray, calls: Mapping[str, np.ndarray], n_bins: int) -> dict[str, np.ndarray]:
+def _linear_columns(
+    y: np.ndarray, p: np.ndarray, calls: Mapping[str, np.ndarray], n_bins: int
+) -> dict[str, np.ndarray]:
     bins = np.minimum((p * n_bins).astype(np.int64), n_bins - 1)
     cols = {"one": np.ones_like(y), "y": y, "sq": (p - y) ** 2}
     for b in range(n_bins):
@@ -112,9 +118,17 @@ def _decision_values(tp, fp, wy, total) -> dict[str, np.ndarray]:
         }
 
 
-def bootstrap_cis(y, p, *, clusters: np.ndarray | None = None, decisions: Mapping[str, np.ndarray] | None = None,
-                  n_boot: int = 1000, seed: int = 0, level: float = 0.95,
-                  n_bins: int = 10) -> dict[str, tuple[float, float]]:
+def bootstrap_cis(
+    y,
+    p,
+    *,
+    clusters: np.ndarray | None = None,
+    decisions: Mapping[str, np.ndarray] | None = None,
+    n_boot: int = 1000,
+    seed: int = 0,
+    level: float = 0.95,
+    n_bins: int = 10,
+) -> dict[str, tuple[float, float]]:
     """Percentile CIs of ROC-AUC, Brier, ECE and the decision metrics, resampling ``clusters``.
 
     ``decisions`` maps an operating-point name to boolean calls (``"default"`` = p >= 0.5 is added);
@@ -143,15 +157,18 @@ def bootstrap_cis(y, p, *, clusters: np.ndarray | None = None, decisions: Mappin
         }
         for name in calls:
             suffix = "" if name == "default" else f"@{name}"
-            for metric, v in _decision_values(lin[:, col[f"tp:{name}"]], lin[:, col[f"fp:{name}"]], wy, total).items():
+            for metric, v in _decision_values(
+                lin[:, col[f"tp:{name}"]], lin[:, col[f"fp:{name}"]], wy, total
+            ).items():
                 values[f"{metric}{suffix}"] = v
         for k, v in values.items():
             reps.setdefault(k, []).extend(v.tolist())
     return _percentiles(reps, level)
 
 
-def auc_ci(y, p, *, clusters: np.ndarray | None = None, n_boot: int = 1000, seed: int = 0,
-           level: float = 0.95) -> tuple[float, float]:
+def auc_ci(
+    y, p, *, clusters: np.ndarray | None = None, n_boot: int = 1000, seed: int = 0, level: float = 0.95
+) -> tuple[float, float]:
     """Only the ROC-AUC CI (what the per-fold rows of a long classify run need; cheaper than all metrics)."""
     y = np.asarray(y, dtype=np.float64).ravel()
     p = np.asarray(p, dtype=np.float64).ravel()
@@ -163,8 +180,9 @@ def auc_ci(y, p, *, clusters: np.ndarray | None = None, n_boot: int = 1000, seed
     return _percentiles({"roc_auc": reps}, level)["roc_auc"]
 
 
-def paired_diff_cis(y, p_a, p_b, *, clusters: np.ndarray | None = None, n_boot: int = 1000, seed: int = 0,
-                    level: float = 0.95) -> dict[str, tuple[float, float]]:
+def paired_diff_cis(
+    y, p_a, p_b, *, clusters: np.ndarray | None = None, n_boot: int = 1000, seed: int = 0, level: float = 0.95
+) -> dict[str, tuple[float, float]]:
     """CIs of ``metric(a) - metric(b)`` for ROC-AUC and Brier, both arms scored on the same replicate."""
     y = np.asarray(y, dtype=np.float64).ravel()
     a, b = (np.asarray(x, dtype=np.float64).ravel() for x in (p_a, p_b))
