@@ -183,12 +183,13 @@ def study(
     if json_out:
         emit_json({"study_id": result.study_id, "plan_id": result.plan_id, "target": result.target,
                    "n_images": result.n_images, "n_patients": result.n_patients, "reference": result.reference,
-                   "table": result.table(), "comparisons": result.comparisons, "figures": result.figures})
+                   "table": result.table(), "comparisons": result.comparisons, "figures": result.figures, "notes": result.notes})
         return
     print_table(study_rows(result.table()),
                 title=f"Study on plan {result.plan_id}: {result.n_images} images of {result.n_patients} patients "
                       f"(prevalence {result.prevalence:.2f}), every arm on the same rows; 95% CIs resample patients; "
                       f"paired tests vs {result.reference}")
+    warn_all(result.notes)
     if result.figures:
         info(f"figures: {', '.join(result.figures)}")
 

@@ -113,6 +113,7 @@ class StudyResult:
     comparisons: list[Comparison]
     plan: str = ""  # the plan, in words
     figures: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # arms with predictions only on other plans (not compared)
 
     def table(self) -> list[dict[str, Any]]:
         """One row per arm: the metrics with their CIs and, for a compared arm, the paired test."""
@@ -280,6 +281,22 @@ def compare(arm: Arm, ref: Arm, y: np.ndarray, clusters: np.ndarray, n_boot: int
     )
 
 
+def _left_out(con, plan_id: str, target: str, arms: list[Arm]) -> list[str]:
+    """Say which arms were scored only on other plans, so a missing fine-tuned arm is never silent."""
+    shown = {(a.arm, a.classifier) for a in arms}
+    rows = con.execute(
+        "SELECT arm, classifier, string_agg(DISTINCT plan_id, ', ') FROM latest_predictions "
+        "WHERE target = ? AND plan_id <> ? GROUP BY arm, classifier ORDER BY arm, classifier",
+        [target, plan_id],
+    ).fetchall()
+    return [
+        f"{arm}/{classifier} was scored on plan(s) {plans} only, not on {plan_id}: its rows differ, so it is not "
+        f"compared. Rerun it with --plan {plan_id} (or study --plan one of those)."
+        for arm, classifier, plans in rows
+        if (arm, classifier) not in shown
+    ]
+
+
 def _reference(arms: list[Arm], name: str | None) -> Arm:
     if name:
         match = [a for a in arms if a.name == name or a.classifier == name]
@@ -326,6 +343,7 @@ def run_study(store, config: StudyConfig | None = None) -> StudyResult:
         ref.name,
         comparisons,
         plan=plan.describe(),
+        notes=_left_out(con, plan_id, config.target, arms),
     )
     if config.plots:
         from cxr_embed import plots
