@@ -157,6 +157,11 @@ def study(
     plan: Annotated[str | None, typer.Option("--plan", help="The plan to compare on (default: the latest plan with predictions from the most arms).")] = None,
     models: Annotated[str | None, typer.Option("--models", "-m", help="Frozen classifiers to include (default: every one on the plan).")] = None,
     finetune_run: Annotated[str | None, typer.Option("--finetune-run", help="Use this fine-tuning run (its run_id) instead of the plan's latest.")] = None,
+    split: Annotated[str | None, typer.Option("--split", help="Instead of --plan: the plan classify made with these --split/--folds/--test-fraction/--where/--sample options.")] = None,
+    folds: Annotated[int, typer.Option("--folds", "-k", help="With --split cv.")] = 5,
+    test_fraction: Annotated[float, typer.Option("--test-fraction", help="With --split holdout.")] = 0.2,
+    where: WhereOpt = None,
+    sample: SampleOpt = None,
     reference: Annotated[str | None, typer.Option("--reference", help="Reference arm, e.g. frozen/svm (default: the frozen classifier with the best ROC-AUC).")] = None,
     target: Annotated[str, typer.Option("--target", help="abnormal or a finding evaluated by classify/finetune.")] = "abnormal",
     n_boot: Annotated[int, typer.Option("--bootstrap", help="Bootstrap replicates (patients resampled) for every CI.")] = 1000,
@@ -172,11 +177,16 @@ def study(
     of the difference, Brier difference likewise. Arms scored on different rows are refused. Written
     to the store (SQL view `study`).
     """
+    from cxr_embed import evaluation
     from cxr_embed.classifiers import parse_models
     from cxr_embed.store import Store
     from cxr_embed.study import StudyConfig, run_study
 
-    config = StudyConfig(plan_id=plan, models=tuple(parse_models(models)) if models else None,
+    settings = None
+    if split or where or sample:
+        settings = evaluation.ClassifyConfig(split=split or "cv", folds=folds, test_fraction=test_fraction, seed=seed,
+                                             where=where, sample=sample).plan_settings()
+    config = StudyConfig(plan_id=plan, settings=settings, models=tuple(parse_models(models)) if models else None,
                          finetune_run=finetune_run, target=target, reference=reference, n_boot=n_boot, seed=seed,
                          plots=plots)
     result = run_study(Store.open(store), config)

@@ -31,7 +31,7 @@ import pyarrow.compute as pc
 
 from cxr_embed import metrics, stats
 from cxr_embed.errors import EvaluationError
-from cxr_embed.plans import group_ids, load_plan
+from cxr_embed.plans import PlanSettings, group_ids, load_plan, make_plan, plan_ids
 from cxr_embed.schema import RESULT_SCHEMAS
 
 FROZEN, FINETUNED = "frozen", "finetuned"
@@ -58,6 +58,7 @@ class StudyConfig:
     n_boot: int = 1000
     seed: int = 0
     plots: bool = True
+    settings: PlanSettings | None = None  # --split/--where/--sample: the plan they make (instead of --plan)
 
 
 @dataclass
@@ -158,6 +159,17 @@ def _default_plan(con, target: str) -> str:
             "(and `cxr-embed finetune --store ...`) first."
         )
     return rows[0][0]
+
+
+def _settings_plan(store, settings: PlanSettings | None) -> str | None:
+    """``study --split/--where/--sample``: the stored plan those options make (classify/finetune made it)."""
+    if settings is None:
+        return None
+    plan = make_plan(store, settings)
+    if plan.plan_id not in plan_ids(store):
+        raise EvaluationError(f"No run was evaluated on the plan these options make ({plan.describe()}): run "
+                              "`cxr-embed classify` (and `finetune --store`) with the same options first.")
+    return plan.plan_id
 
 
 def _run_plan(con, run_id: str | None) -> str | None:
@@ -311,7 +323,8 @@ def run_study(store, config: StudyConfig | None = None) -> StudyResult:
     """Score every arm of one plan on the same rows, compare with the reference, write ``studies``."""
     config = config or StudyConfig()
     con = store.connect()
-    plan_id = config.plan_id or _run_plan(con, config.finetune_run) or _default_plan(con, config.target)
+    plan_id = (config.plan_id or _settings_plan(store, config.settings) or _run_plan(con, config.finetune_run)
+               or _default_plan(con, config.target))
     plan = load_plan(store, plan_id)  # an unknown id fails here, listing the known plans
     table = _predictions(con, plan_id, config)
     if table.num_rows == 0:

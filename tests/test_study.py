@@ -99,5 +99,11 @@ def test_study_cli_json(two_plans):
     assert res.exit_code == 0, res.output
     doc = json.loads(res.stdout)
     assert doc["plan_id"] == holdout.plan_id and doc["n_images"] < 600 and doc["table"][0]["roc_auc_ci"]
+    res = CliRunner().invoke(app, ["study", "--store", str(store.path), "--split", "holdout", "--no-plots",
+                                   "--bootstrap", "20", "--json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["plan_id"] == holdout.plan_id  # the options make the same plan
+    res = CliRunner().invoke(app, ["study", "--store", str(store.path), "--split", "holdout", "--sample", "100"])
+    assert res.exit_code == 1 and "No run was evaluated on the plan these options make" in res.stderr
     res = CliRunner().invoke(app, ["study", "--store", str(store.path), "--plan", "nope"])
     assert res.exit_code == 1 and "No plan 'nope'" in res.stderr
