@@ -183,7 +183,7 @@ def _setup(config: FineTuneConfig, resume: bool) -> _Run:
     started = time.perf_counter()
     read_failures: list[Any] = []
     records, targets = _labelled(
-        read_dataset(config.source, config.dataset, errors=read_failures), config.label
+        read_dataset(config.source, config.dataset, errors=read_failures, **config.reader_options), config.label
     )
     records, targets, splits = _splits_for(out, records, targets, config, resume)
     # the folds of a K-fold plan share the run id their driver wrote one folder up
