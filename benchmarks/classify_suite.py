@@ -1,6 +1,6 @@
 """Speed and quality of the five classifiers at ChestX-ray14 scale, beside exact sklearn.
 
-Part 1 times ``evaluation.cross_validate`` (the code ``cxr-embed classify`` runs: patient-grouped
+Part 1 times ``crossval.cross_validate`` (the code ``cxr-embed classify`` runs: patient-grouped
 stratified folds, held-out slice, operating points, bootstrap CI) for every classifier on
 ``--n`` x ``--dim`` clustered synthetic embeddings (``cohort.synthetic_cohort``; a linear model
 reaches about 0.85 ROC-AUC at full size). Target: 5 classifiers x 5 folds in <= 10 minutes on 2 cores.

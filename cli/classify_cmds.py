@@ -136,17 +136,27 @@ def warn_all(warnings: list[str]) -> None:
         stderr.print(f"[bold yellow]Warning:[/] {w}", highlight=False)
 
 
-STUDY_COLUMNS = ("arm", "classifier", "n", "roc_auc", "roc_auc_ci", "accuracy", "f1", "sensitivity@sens90",
-                 "specificity@sens90", "brier", "brier_ci", "ece", "auc_diff_vs_ref", "auc_diff_ci", "delong_p",
-                 "brier_diff_vs_ref", "brier_diff_ci")
+def _with_ci(value, ci) -> str:
+    if value is None or value != value:
+        return ""
+    if ci is None or ci[0] is None or ci[0] != ci[0]:
+        return f"{value:.3f}"
+    return f"{value:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]"
 
 
 def study_rows(table: list[dict]) -> list[dict]:
-    """The study table with CIs as ``[low, high]`` text, for print_table."""
-    def ci(v):
-        return "" if v is None or v[0] is None or v[0] != v[0] else f"[{v[0]:.3f}, {v[1]:.3f}]"
-
-    return [{k: ci(v) if k.endswith("_ci") else v for k, v in row.items()} for row in table]
+    """The study table for print_table: each value with its 95% CI in one cell, best ROC-AUC first."""
+    rows = []
+    for r in sorted(table, key=lambda r: -(r["roc_auc"] if r["roc_auc"] == r["roc_auc"] else -1)):
+        rows.append({
+            "arm": r["arm"], "classifier": r["classifier"], "n": r["n"],
+            "ROC-AUC [95% CI]": _with_ci(r["roc_auc"], r["roc_auc_ci"]),
+            "accuracy": r["accuracy"], "F1": r["f1"], "sens@sens90": r["sensitivity@sens90"],
+            "spec@sens90": r["specificity@sens90"], "Brier [95% CI]": _with_ci(r["brier"], r["brier_ci"]),
+            "ECE": r["ece"], "ΔAUC vs ref [95% CI]": _with_ci(r["auc_diff_vs_ref"], r["auc_diff_ci"]) or "reference",
+            "DeLong p": r["delong_p"],
+        })
+    return rows
 
 
 @handle_errors
@@ -155,6 +165,11 @@ def study(
     plan: Annotated[str | None, typer.Option("--plan", help="The plan to compare on (default: the latest plan with predictions from the most arms).")] = None,
     models: Annotated[str | None, typer.Option("--models", "-m", help="Frozen classifiers to include (default: every one on the plan).")] = None,
     finetune_run: Annotated[str | None, typer.Option("--finetune-run", help="Use this fine-tuning run (its run_id) instead of the plan's latest.")] = None,
+    split: Annotated[str | None, typer.Option("--split", help="Instead of --plan: the plan classify made with these --split/--folds/--test-fraction/--where/--sample options.")] = None,
+    folds: Annotated[int, typer.Option("--folds", "-k", help="With --split cv.")] = 5,
+    test_fraction: Annotated[float, typer.Option("--test-fraction", help="With --split holdout.")] = 0.2,
+    where: WhereOpt = None,
+    sample: SampleOpt = None,
     reference: Annotated[str | None, typer.Option("--reference", help="Reference arm, e.g. frozen/svm (default: the frozen classifier with the best ROC-AUC).")] = None,
     target: Annotated[str, typer.Option("--target", help="abnormal or a finding evaluated by classify/finetune.")] = "abnormal",
     n_boot: Annotated[int, typer.Option("--bootstrap", help="Bootstrap replicates (patients resampled) for every CI.")] = 1000,
@@ -170,23 +185,29 @@ def study(
     of the difference, Brier difference likewise. Arms scored on different rows are refused. Written
     to the store (SQL view `study`).
     """
+    from cxr_embed import evaluation
     from cxr_embed.classifiers import parse_models
     from cxr_embed.store import Store
     from cxr_embed.study import StudyConfig, run_study
 
-    config = StudyConfig(plan_id=plan, models=tuple(parse_models(models)) if models else None,
+    settings = None
+    if split or where or sample:
+        settings = evaluation.ClassifyConfig(split=split or "cv", folds=folds, test_fraction=test_fraction, seed=seed,
+                                             where=where, sample=sample).plan_settings()
+    config = StudyConfig(plan_id=plan, settings=settings, models=tuple(parse_models(models)) if models else None,
                          finetune_run=finetune_run, target=target, reference=reference, n_boot=n_boot, seed=seed,
                          plots=plots)
     result = run_study(Store.open(store), config)
     if json_out:
         emit_json({"study_id": result.study_id, "plan_id": result.plan_id, "target": result.target,
                    "n_images": result.n_images, "n_patients": result.n_patients, "reference": result.reference,
-                   "table": result.table(), "comparisons": result.comparisons, "figures": result.figures})
+                   "table": result.table(), "comparisons": result.comparisons, "figures": result.figures, "notes": result.notes})
         return
-    print_table(study_rows(result.table()), columns=STUDY_COLUMNS,
+    print_table(study_rows(result.table()),
                 title=f"Study on plan {result.plan_id}: {result.n_images} images of {result.n_patients} patients "
                       f"(prevalence {result.prevalence:.2f}), every arm on the same rows; 95% CIs resample patients; "
                       f"paired tests vs {result.reference}")
+    warn_all(result.notes)
     if result.figures:
         info(f"figures: {', '.join(result.figures)}")
 

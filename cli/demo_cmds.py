@@ -68,11 +68,16 @@ def demo(
     if json_out:
         emit_json(result)
         return
+    print_result(result)
+
+
+def print_result(result) -> None:
+    """The demo's human-readable report of a :class:`cxr_embed.demo.DemoResult` (stdout; reminders on stderr)."""
     stdout.print()
     print_table(
         study_rows(result.study_table),
-        columns=("arm", "classifier", "n", "roc_auc", "roc_auc_ci", "accuracy", "f1", "brier", "brier_ci",
-                 "auc_diff_vs_ref", "auc_diff_ci", "delong_p"),
+        columns=("arm", "classifier", "ROC-AUC [95% CI]", "accuracy", "F1", "Brier [95% CI]", "ΔAUC vs ref [95% CI]",
+                 "DeLong p"),
         title=f"Normal vs Abnormal on the same {result.n_test_images} test images ({result.n_test_patients} patients, "
         f"plan {result.plan_id}); 95% CIs resample patients; paired vs {result.reference} (DeLong p)",
     )

@@ -104,8 +104,6 @@ def _report_sweep(sweep, as_json: bool) -> None:
                    "test_metrics": sweep.test.test_metrics if sweep.test else None, "warnings": sweep.warnings})
         return
     print_table(rows, title=f"Sweep {sweep.sweep_id}: selected on validation only")
-    for w in sweep.warnings:
-        stderr.print(f"[bold yellow]Warning:[/] {w}", highlight=False)
     if sweep.test is not None:
         _report(sweep.test, False)
     elif sweep.selected is not None:

@@ -158,7 +158,7 @@ def cross_validate(
                     raw[f.test] = fitted.predict_raw(X[f.test])
                 prob[f.test], fold_of[f.test] = fitted.calibrate(raw[f.test]), f.index
                 thresholds.append(fitted.thresholds)
-                warnings += [f"{name} fold {f.index}: {w}" for w in fitted.warnings]
+                warnings += fitted.warnings
                 per_fold.append(
                     metrics.evaluate_binary(
                         y[f.test],
@@ -171,6 +171,10 @@ def cross_validate(
                     )
                 )
                 bar.advance()
+            if warnings:  # one line per classifier: the first fold's words, and how many folds had one
+                warnings = [
+                    f"{name}, {len(warnings)} warning(s) over {len(folds)} fold(s), e.g.: {warnings[0]}"
+                ]
             fold_local = np.searchsorted([f.index for f in folds], fold_of[test_idx])
             pooled = pooled_metrics(
                 y[test_idx], prob[test_idx], fold_local, thresholds, n_boot, seed, groups[test_idx]

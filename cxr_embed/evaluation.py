@@ -20,7 +20,7 @@ import pyarrow as pa
 
 from cxr_embed import classifier_files, stats
 from cxr_embed import classifiers as clf
-from cxr_embed.calibration import check_method
+from cxr_embed.calibration import Calibrator, check_method
 from cxr_embed.crossval import FittedModel, ModelResult, cross_validate, fit_model, subgroup_table
 from cxr_embed.errors import ConfigError, EvaluationError
 from cxr_embed.plans import SPLIT_ALIASES, Plan, PlanSettings, check_leakage, get_or_make_plan, group_ids
@@ -35,6 +35,10 @@ from cxr_embed.results import (
 )
 
 ARM = "frozen"
+#: Re-exported for code that imported them from here before the split (``predict`` loads saved models into them).
+__all__ = ["ARM", "Calibrator", "ClassifyConfig", "ClassifyRun", "FittedModel", "ModelResult", "classify_store",
+           "ImagePrediction", "load_model", "model_name", "predict_images", "result_metrics_tables", "save_model",
+           "targets_for"]
 
 
 @dataclass

@@ -326,8 +326,10 @@ def make_plan(store, settings: PlanSettings) -> Plan:
     )
     image_ids = np.asarray(meta.column("image_id").to_pylist(), dtype=object)
     # patient ids as keys (a missing one: the image is its own patient), so carving orders patients by id
-    groups = np.array([p or f"image:{i}" for p, i in zip(meta.column("patient_id").to_pylist(), image_ids, strict=True)],
-                      dtype=object)[pos]
+    groups = np.array(
+        [p or f"image:{i}" for p, i in zip(meta.column("patient_id").to_pylist(), image_ids, strict=True)],
+        dtype=object,
+    )[pos]
     if settings.sample is not None:
         sub = sample_patients(y, groups, settings.sample, settings.seed)
         pos, y, groups = pos[sub], y[sub], groups[sub]

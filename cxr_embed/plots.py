@@ -39,7 +39,7 @@ def _save(plt, fig, ax, path: Path, title: str, xlabel: str, ylabel: str) -> Pat
 
 
 def plot_run(folder: str | Path, results: Sequence) -> list[Path]:
-    """Write the three figures per target of ``results`` (``evaluation.ModelResult``) into ``folder``."""
+    """Write the three figures per target of ``results`` (``crossval.ModelResult``) into ``folder``."""
     from sklearn.metrics import precision_recall_curve, roc_curve
 
     folder = Path(folder)

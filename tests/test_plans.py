@@ -33,19 +33,28 @@ def test_kfold_plan_is_patient_grouped_stored_once_and_reused(signal_store):
         assert not set(pats[plan.fold == k]) & set(pats[plan.fold != k])
     loaded = P.load_plan(signal_store, plan.plan_id)
     assert np.array_equal(loaded.fold, plan.fold) and loaded.settings == settings
-    assert P.get_or_make_plan(signal_store, P.PlanSettings(kind="kfold", folds=4, seed=2)).plan_id != plan.plan_id
+    assert (
+        P.get_or_make_plan(signal_store, P.PlanSettings(kind="kfold", folds=4, seed=2)).plan_id
+        != plan.plan_id
+    )
     with pytest.raises(EvaluationError, match="No plan 'nope'.*known plans"):
         P.load_plan(signal_store, "nope")
 
 
 def test_holdout_plan_where_and_sample(signal_store):
-    plan = P.make_plan(signal_store, P.PlanSettings(kind="holdout", test_fraction=0.25, where="sex = 'F'", sample=200))
+    plan = P.make_plan(
+        signal_store, P.PlanSettings(kind="holdout", test_fraction=0.25, where="sex = 'F'", sample=200)
+    )
     sexes = dict(zip(*signal_store.metadata(columns=["row_id", "sex"]).to_pydict().values(), strict=True))
     assert {sexes[r] for r in plan.row_id} == {"F"}
     assert 150 <= len(plan) <= 260
     pats = _patients(signal_store, plan)
     parts = {s: set(pats[plan.split == s]) for s in ("train", "val", "test")}
-    assert not parts["train"] & parts["test"] and not parts["val"] & parts["test"] and not parts["train"] & parts["val"]
+    assert (
+        not parts["train"] & parts["test"]
+        and not parts["val"] & parts["test"]
+        and not parts["train"] & parts["val"]
+    )
     all_f = np.array([sexes[r] for r in sexes.keys()]) == "F"
     meta = signal_store.metadata(columns=["patient_id", "sex"]).to_pydict()
     n_images = {p: meta["patient_id"].count(p) for p in set(pats)}
@@ -61,12 +70,16 @@ def test_every_row_carries_the_plan_and_latest_metrics_has_one_row_per_classifie
     con = signal_store.connect()
     assert con.execute("SELECT count(*) FROM predictions WHERE plan_id IS NULL").fetchone()[0] == 0
     assert con.execute("SELECT count(DISTINCT run_id) FROM metrics").fetchone()[0] == 3
-    rows = con.execute("SELECT classifier, value, run_id FROM latest_metrics WHERE metric = 'roc_auc' AND fold = -1 "
-                       "AND subgroup IS NULL ORDER BY classifier").fetchall()
+    rows = con.execute(
+        "SELECT classifier, value, run_id FROM latest_metrics WHERE metric = 'roc_auc' AND fold = -1 "
+        "AND subgroup IS NULL ORDER BY classifier"
+    ).fetchall()
     assert [r[0] for r in rows] == ["knn", "lr"] and {r[2] for r in rows} == {runs[-1].run_id}
     n = con.execute("SELECT count(*) FROM latest_predictions WHERE classifier = 'lr'").fetchone()[0]
     assert n == 600
-    sub = con.execute("SELECT DISTINCT subgroup FROM latest_metrics WHERE subgroup IS NOT NULL ORDER BY 1").fetchall()
+    sub = con.execute(
+        "SELECT DISTINCT subgroup FROM latest_metrics WHERE subgroup IS NOT NULL ORDER BY 1"
+    ).fetchall()
     assert [s[0] for s in sub] == ["age_band", "sex", "view"]
     params = json.loads(con.execute("SELECT params FROM runs LIMIT 1").fetchone()[0])
     assert params["bootstrap_unit"] == "patient" and params["plan_id"] == runs[0].plan_id
@@ -89,6 +102,12 @@ def test_calibration_warnings_are_stored_with_the_run_and_raw_probabilities_kept
     con = signal_store.connect()
     stored = json.loads(con.execute("SELECT warnings FROM runs WHERE run_id = ?", [run.run_id]).fetchone()[0])
     assert stored == run.warnings
-    raw, cal = con.execute("SELECT probability_raw, probability FROM predictions WHERE run_id = ? AND classifier = 'lr'",
-                           [run.run_id]).fetchnumpy().values()
+    raw, cal = (
+        con.execute(
+            "SELECT probability_raw, probability FROM predictions WHERE run_id = ? AND classifier = 'lr'",
+            [run.run_id],
+        )
+        .fetchnumpy()
+        .values()
+    )
     assert len(raw) == len(cal) and not np.allclose(raw, cal)

@@ -18,10 +18,12 @@ from cxr_embed.study import StudyConfig, run_study
 
 @pytest.fixture
 def two_plans(signal_store):
-    kfold = classify_store(signal_store, ClassifyConfig(models=("lr", "knn"), folds=3, n_boot=0, refit=False,
-                                                        plots=False))
-    holdout = classify_store(signal_store, ClassifyConfig(models=("lr",), split="holdout", n_boot=0, refit=False,
-                                                          plots=False))
+    kfold = classify_store(
+        signal_store, ClassifyConfig(models=("lr", "knn"), folds=3, n_boot=0, refit=False, plots=False)
+    )
+    holdout = classify_store(
+        signal_store, ClassifyConfig(models=("lr",), split="holdout", n_boot=0, refit=False, plots=False)
+    )
     return signal_store, kfold, holdout
 
 
@@ -40,11 +42,16 @@ def test_study_scores_every_arm_on_the_same_rows_with_ci_and_paired_test(two_pla
         assert "specificity@youden" in a.values
     (cmp,) = result.comparisons
     other = next(a for a in result.arms if a.name != result.reference)
-    assert cmp.auc_diff == pytest.approx(other.values["roc_auc"] - by_name[result.reference].values["roc_auc"])
+    assert cmp.auc_diff == pytest.approx(
+        other.values["roc_auc"] - by_name[result.reference].values["roc_auc"]
+    )
     assert cmp.auc_diff_ci[0] <= cmp.auc_diff <= cmp.auc_diff_ci[1] and 0 <= cmp.delong_p <= 1
     lr = by_name["frozen/lr"]
     assert lr.values["roc_auc"] == pytest.approx(metrics.roc_auc(*_labels_probs(store, kfold.run_id, "lr")))
-    assert [p.rsplit("/", 1)[1] for p in result.figures] == ["study_roc_abnormal.png", "study_reliability_abnormal.png"]
+    assert [p.rsplit("/", 1)[1] for p in result.figures] == [
+        "study_roc_abnormal.png",
+        "study_reliability_abnormal.png",
+    ]
     second = run_study(store, StudyConfig(plan_id=kfold.plan_id, n_boot=50, plots=False))
     con = store.connect()
     ids = con.execute("SELECT DISTINCT study_id FROM study").fetchall()
@@ -54,23 +61,49 @@ def test_study_scores_every_arm_on_the_same_rows_with_ci_and_paired_test(two_pla
 
 
 def _labels_probs(store, run_id, classifier):
-    t = store.connect().execute("SELECT label, probability FROM predictions WHERE run_id = ? AND classifier = ?",
-                                [run_id, classifier]).fetchnumpy()
+    t = (
+        store.connect()
+        .execute(
+            "SELECT label, probability FROM predictions WHERE run_id = ? AND classifier = ?",
+            [run_id, classifier],
+        )
+        .fetchnumpy()
+    )
     return np.asarray(t["label"]), np.asarray(t["probability"])
 
 
 def test_a_comparison_across_plans_is_refused(two_plans):
     store, kfold, holdout = two_plans
     with pytest.raises(EvaluationError, match="evaluated on plan .* cannot be compared"):
-        run_study(store, StudyConfig(plan_id=kfold.plan_id, finetune_run=holdout.run_id, n_boot=0, plots=False))
+        run_study(
+            store, StudyConfig(plan_id=kfold.plan_id, finetune_run=holdout.run_id, n_boot=0, plots=False)
+        )
 
 
 def test_study_cli_json(two_plans):
     store, _, holdout = two_plans
-    res = CliRunner().invoke(app, ["study", "--store", str(store.path), "--plan", holdout.plan_id, "--bootstrap",
-                                   "50", "--no-plots", "--json"])
+    res = CliRunner().invoke(
+        app,
+        [
+            "study",
+            "--store",
+            str(store.path),
+            "--plan",
+            holdout.plan_id,
+            "--bootstrap",
+            "50",
+            "--no-plots",
+            "--json",
+        ],
+    )
     assert res.exit_code == 0, res.output
     doc = json.loads(res.stdout)
     assert doc["plan_id"] == holdout.plan_id and doc["n_images"] < 600 and doc["table"][0]["roc_auc_ci"]
+    res = CliRunner().invoke(app, ["study", "--store", str(store.path), "--split", "holdout", "--no-plots",
+                                   "--bootstrap", "20", "--json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["plan_id"] == holdout.plan_id  # the options make the same plan
+    res = CliRunner().invoke(app, ["study", "--store", str(store.path), "--split", "holdout", "--sample", "100"])
+    assert res.exit_code == 1 and "No run was evaluated on the plan these options make" in res.stderr
     res = CliRunner().invoke(app, ["study", "--store", str(store.path), "--plan", "nope"])
     assert res.exit_code == 1 and "No plan 'nope'" in res.stderr

@@ -35,7 +35,9 @@ def _flatten_optimizer(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], 
                 tensors[f"state.{idx}.{key}"] = value.detach().cpu().contiguous()
             else:
                 scalars.setdefault(str(idx), {})[key] = value
-    groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in state["param_groups"]]
+    groups = [
+        {k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in state["param_groups"]
+    ]
     return tensors, {"param_groups": groups, "scalars": scalars}
 
 
@@ -52,13 +54,18 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any])
 
 def _rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     np_state = np.random.get_state()
-    tensors = {"torch": torch.get_rng_state(), "numpy_keys": torch.from_numpy(np.asarray(np_state[1]).astype(np.int64))}
+    tensors = {
+        "torch": torch.get_rng_state(),
+        "numpy_keys": torch.from_numpy(np.asarray(np_state[1]).astype(np.int64)),
+    }
     if torch.cuda.is_available():
         for i, s in enumerate(torch.cuda.get_rng_state_all()):
             tensors[f"cuda.{i}"] = s
     py = random.getstate()
-    meta = {"numpy": [np_state[0], int(np_state[2]), int(np_state[3]), float(np_state[4])],
-            "python": [py[0], list(py[1]), py[2]]}
+    meta = {
+        "numpy": [np_state[0], int(np_state[2]), int(np_state[3]), float(np_state[4])],
+        "python": [py[0], list(py[1]), py[2]],
+    }
     return tensors, meta
 
 
@@ -77,8 +84,15 @@ def _cpu_state(module: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
 
 
-def save_checkpoint(out: Path, *, net: nn.Module, optimizer: torch.optim.Optimizer, scaler: Any,
-                    ema: EMA | None, state: TrainState) -> Path:
+def save_checkpoint(
+    out: Path,
+    *,
+    net: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scaler: Any,
+    ema: EMA | None,
+    state: TrainState,
+) -> Path:
     """Write ``out/checkpoint`` atomically: build ``checkpoint.tmp``, then swap directories.
 
     A crash at any moment leaves either the old or the new complete checkpoint (``checkpoint.old`` is
@@ -91,17 +105,27 @@ def save_checkpoint(out: Path, *, net: nn.Module, optimizer: torch.optim.Optimiz
         opt_tensors, opt_meta = _flatten_optimizer(optimizer.state_dict())
         save_file(opt_tensors, tmp / "optimizer.safetensors")
         if ema is not None:
-            save_file({k: v.detach().cpu().contiguous() for k, v in ema.shadow.items()}, tmp / "ema.safetensors")
+            save_file(
+                {k: v.detach().cpu().contiguous() for k, v in ema.shadow.items()}, tmp / "ema.safetensors"
+            )
         rng_tensors, rng_meta = _rng_state()
         save_file(rng_tensors, tmp / "rng.safetensors")
-        write_json_atomic({"train": dataclasses.asdict(state), "optimizer": opt_meta, "rng": rng_meta,
-                           "scaler": scaler.state_dict() if scaler.is_enabled() else None}, tmp / "state.json")
+        write_json_atomic(
+            {
+                "train": dataclasses.asdict(state),
+                "optimizer": opt_meta,
+                "rng": rng_meta,
+                "scaler": scaler.state_dict() if scaler.is_enabled() else None,
+            },
+            tmp / "state.json",
+        )
 
     return replace_dir(out / CHECKPOINT_DIR, build)
 
 
-def load_checkpoint(out: Path, *, net: nn.Module, optimizer: torch.optim.Optimizer, scaler: Any,
-                    ema: EMA | None) -> TrainState:
+def load_checkpoint(
+    out: Path, *, net: nn.Module, optimizer: torch.optim.Optimizer, scaler: Any, ema: EMA | None
+) -> TrainState:
     """Restore everything :func:`save_checkpoint` wrote; returns the train state."""
     from safetensors.torch import load_file
 
@@ -114,7 +138,9 @@ def load_checkpoint(out: Path, *, net: nn.Module, optimizer: torch.optim.Optimiz
         meta = json.loads((ckpt / "state.json").read_text(encoding="utf-8"))
         device = next(net.parameters()).device
         net.load_state_dict(load_file(ckpt / "model.safetensors", device=str(device)), strict=True)
-        optimizer.load_state_dict(_unflatten_optimizer(load_file(ckpt / "optimizer.safetensors"), meta["optimizer"]))
+        optimizer.load_state_dict(
+            _unflatten_optimizer(load_file(ckpt / "optimizer.safetensors"), meta["optimizer"])
+        )
         if ema is not None:
             shadow = load_file(ckpt / "ema.safetensors", device=str(device))
             if set(shadow) != set(ema.shadow):
@@ -125,10 +151,10 @@ def load_checkpoint(out: Path, *, net: nn.Module, optimizer: torch.optim.Optimiz
         _set_rng_state(load_file(ckpt / "rng.safetensors"), meta["rng"])
         return TrainState(**meta["train"])
     except (OSError, KeyError, ValueError, RuntimeError) as exc:
-        raise CheckpointError(f"Checkpoint {ckpt} is unreadable or does not match this model ({exc}). "
-                              f"Start a fresh run with another --out.") from None
-
-
+        raise CheckpointError(
+            f"Checkpoint {ckpt} is unreadable or does not match this model ({exc}). "
+            f"Start a fresh run with another --out."
+        ) from None
 
 
 def export_model(run: _Run, temperature: float, state: TrainState) -> Path:
@@ -156,18 +182,27 @@ def export_model(run: _Run, temperature: float, state: TrainState) -> Path:
         (tmp / CONFIG_NAME).write_text(text, encoding="utf-8")
         # Same tensor names, order, dtype and no metadata as the official file: only image_encoder.* changed.
         save_file(_cpu_state(run.base.module), tmp / CHECKPOINT_RELPATH)
-        head = {"weight": run.net.head.weight.detach().cpu().contiguous(),
-                "bias": run.net.head.bias.detach().cpu().contiguous(),
-                "temperature": torch.tensor(temperature, dtype=torch.float32)}
+        head = {
+            "weight": run.net.head.weight.detach().cpu().contiguous(),
+            "bias": run.net.head.bias.detach().cpu().contiguous(),
+            "temperature": torch.tensor(temperature, dtype=torch.float32),
+        }
         save_file(head, tmp / "head.safetensors")
-        write_json_atomic({
-            "targets": run.names, "label": run.config.label, "temperature": temperature,
-            "probability": "sigmoid((features @ weight.T + bias) / temperature)",
-            "features": "image_encoder.forward_features",
-            "run_id": run.run_id, "best_epoch": state.best_epoch, "best_val_roc_auc": state.best_auc,
-            "base_model_id": run.base.model_id, "base_checkpoint_sha256": run.base.checkpoint_sha256,
-            "checkpoint_sha256": sha256_file(tmp / CHECKPOINT_RELPATH),
-        }, tmp / "head.json")
+        write_json_atomic(
+            {
+                "targets": run.names,
+                "label": run.config.label,
+                "temperature": temperature,
+                "probability": "sigmoid((features @ weight.T + bias) / temperature)",
+                "features": "image_encoder.forward_features",
+                "run_id": run.run_id,
+                "best_epoch": state.best_epoch,
+                "best_val_roc_auc": state.best_auc,
+                "base_model_id": run.base.model_id,
+                "base_checkpoint_sha256": run.base.checkpoint_sha256,
+                "checkpoint_sha256": sha256_file(tmp / CHECKPOINT_RELPATH),
+            },
+            tmp / "head.json",
+        )
 
     return replace_dir(run.out / MODEL_DIR, build)
-

@@ -33,24 +33,24 @@ class FineTuneConfig:
     model_dir: str | None = None
     epochs: int = 10
     lr: float = 1e-5
-    head_lr_scale: float = 1.0     # the head's learning rate is lr x this (1 = the study's single learning rate)
+    head_lr_scale: float = 1.0  # the head's learning rate is lr x this (1 = the study's single learning rate)
     min_lr: float = 0.0
     weight_decay: float = 0.2
-    batch_size: int = 48            # images per optimizer step (the study's 48), split into `accumulate` micro-batches
+    batch_size: int = 48  # images per optimizer step (the study's 48), split into `accumulate` micro-batches
     accumulate: int = 1
-    warmup_fraction: float = 0.05   # linear warm-up over this share of all optimizer steps (at least 1 step)
-    precision: str = "fp32"         # fp32 | bf16 | fp16 (autocast; fp16 adds a GradScaler)
+    warmup_fraction: float = 0.05  # linear warm-up over this share of all optimizer steps (at least 1 step)
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast; fp16 adds a GradScaler)
     grad_checkpointing: bool = False
     freeze_stages: int = 0
-    label: str = "abnormal"         # abnormal | all-findings
+    label: str = "abnormal"  # abnormal | all-findings
     class_weighting: bool = False
-    ema: float | None = None        # EMA decay of the weights (e.g. 0.999); evaluation and export use the EMA
+    ema: float | None = None  # EMA decay of the weights (e.g. 0.999); evaluation and export use the EMA
     augment: bool = True
     hflip: bool = False
-    patience: int = 3               # epochs without a better validation ROC-AUC before stopping
-    max_steps: int | None = None    # stop after this many optimizer steps in total (schedule unchanged)
+    patience: int = 3  # epochs without a better validation ROC-AUC before stopping
+    max_steps: int | None = None  # stop after this many optimizer steps in total (schedule unchanged)
     val_fraction: float = 0.1
-    test_fraction: float = 0.2      # only used when the records carry no official split
+    test_fraction: float = 0.2  # only used when the records carry no official split
     clip_grad: float = 1.0
     workers: int = 0
     device: str = "auto"
@@ -60,12 +60,12 @@ class FineTuneConfig:
     n_boot: int = 1000
     # The evaluation plan (needs --store): an existing plan id, else the plan with these settings.
     plan: str | None = None
-    split: str = "holdout"          # holdout | kfold | official (when a plan is made)
-    folds: int = 5                  # kfold plans: one model per fold
-    where: str | None = None        # SQL condition on the store's images view
-    sample: int | None = None       # stratified whole-patient subset of about this many images
-    fold: int | None = None         # set by the K-fold driver: the fold this run holds out
-    evaluate_test: bool = True      # False in a sweep cell: validation only, the test rows stay untouched
+    split: str = "holdout"  # holdout | kfold | official (when a plan is made)
+    folds: int = 5  # kfold plans: one model per fold
+    where: str | None = None  # SQL condition on the store's images view
+    sample: int | None = None  # stratified whole-patient subset of about this many images
+    fold: int | None = None  # set by the K-fold driver: the fold this run holds out
+    evaluate_test: bool = True  # False in a sweep cell: validation only, the test rows stay untouched
 
     def validate(self) -> None:
         """Refuse impossible option combinations before anything is loaded."""
@@ -75,8 +75,10 @@ class FineTuneConfig:
         if self.label not in ("abnormal", "all-findings"):
             problems.append(f"--label must be 'abnormal' or 'all-findings', not {self.label!r}")
         if self.batch_size < 1 or self.accumulate < 1 or self.batch_size % self.accumulate:
-            problems.append(f"--batch-size ({self.batch_size}) must be a positive multiple of --accumulate "
-                            f"({self.accumulate}): each step is split into equal micro-batches")
+            problems.append(
+                f"--batch-size ({self.batch_size}) must be a positive multiple of --accumulate "
+                f"({self.accumulate}): each step is split into equal micro-batches"
+            )
         if self.epochs < 1:
             problems.append("--epochs must be at least 1")
         if self.lr <= 0 or self.head_lr_scale <= 0 or self.weight_decay < 0:
@@ -92,7 +94,9 @@ class FineTuneConfig:
         if self.split not in ("holdout", "kfold", "official"):
             problems.append(f"--split must be holdout, kfold or official, not {self.split!r}")
         if (self.plan or self.where or self.sample) and not self.store:
-            problems.append("--plan, --where and --sample need --store (the evaluation plan lives in the store)")
+            problems.append(
+                "--plan, --where and --sample need --store (the evaluation plan lives in the store)"
+            )
         if problems:
             raise ConfigError("Invalid fine-tuning options: " + "; ".join(problems) + ".")
 
@@ -105,14 +109,16 @@ class FineTuneConfig:
 class TrainState:
     """Scalars that locate the run in time; saved as JSON in every checkpoint."""
 
-    epoch: int = 0                 # current epoch (0-based); equals `epochs` when training is complete
-    step_in_epoch: int = 0         # optimizer steps already done in `epoch`
+    epoch: int = 0  # current epoch (0-based); equals `epochs` when training is complete
+    step_in_epoch: int = 0  # optimizer steps already done in `epoch`
     global_step: int = 0
     best_auc: float | None = None
     best_epoch: int | None = None
     epochs_since_best: int = 0
     done: bool = False
-    epoch_losses: list[float] = field(default_factory=list)   # this epoch's step losses so far (survive a resume)
+    epoch_losses: list[float] = field(
+        default_factory=list
+    )  # this epoch's step losses so far (survive a resume)
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -132,7 +138,7 @@ class StepInfo:
 class FineTuneResult:
     """Outcome of :func:`finetune`."""
 
-    status: str                    # "completed" | "early_stopped" | "max_steps" | "interrupted"
+    status: str  # "completed" | "early_stopped" | "max_steps" | "interrupted"
     run_id: str
     out: Path
     state: TrainState
@@ -142,7 +148,7 @@ class FineTuneResult:
     n_images: dict[str, int] = field(default_factory=dict)
     failures: list[dict[str, str]] = field(default_factory=list)
     plots: list[Path] = field(default_factory=list)
-    warnings: list[str] = field(default_factory=list)      # calibration problems: stored with the run, printed
+    warnings: list[str] = field(default_factory=list)  # calibration problems: stored with the run, printed
     val_metrics: dict[str, dict[str, float]] = field(default_factory=dict)
     plan_id: str | None = None
     folds: list[FineTuneResult] = field(default_factory=list)  # K-fold plans: one result per fold
@@ -163,7 +169,9 @@ def load_run_config(out: str | Path) -> FineTuneConfig:
     if not path.is_file():
         raise CheckpointError(f"{out} holds no fine-tuning run (no config.json); start one without --resume.")
     fields = {f.name for f in dataclasses.fields(FineTuneConfig)}
-    return FineTuneConfig(**{k: v for k, v in json.loads(path.read_text(encoding="utf-8")).items() if k in fields})
+    return FineTuneConfig(
+        **{k: v for k, v in json.loads(path.read_text(encoding="utf-8")).items() if k in fields}
+    )
 
 
 def resume_config(out: str | Path, overrides: dict[str, Any]) -> FineTuneConfig:
@@ -173,11 +181,17 @@ def resume_config(out: str | Path, overrides: dict[str, Any]) -> FineTuneConfig:
     numbers nobody could reproduce, so it is refused with the values side by side.
     """
     saved = load_run_config(out)
-    clashes = [f"{k} (run: {getattr(saved, k)!r}, given: {v!r})" for k, v in overrides.items()
-               if k not in RUNTIME_FIELDS and k != "out" and getattr(saved, k) != v]
+    clashes = [
+        f"{k} (run: {getattr(saved, k)!r}, given: {v!r})"
+        for k, v in overrides.items()
+        if k not in RUNTIME_FIELDS and k != "out" and getattr(saved, k) != v
+    ]
     if clashes:
-        raise ConfigError("--resume continues the run in " + str(out) + " with its own settings; these differ: "
-                          + "; ".join(clashes) + ". Drop them, or start a new run with another --out.")
+        raise ConfigError(
+            "--resume continues the run in "
+            + str(out)
+            + " with its own settings; these differ: "
+            + "; ".join(clashes)
+            + ". Drop them, or start a new run with another --out."
+        )
     return dataclasses.replace(saved, **{k: v for k, v in overrides.items() if k in RUNTIME_FIELDS})
-
-

@@ -27,12 +27,19 @@ def targets_of(records: Sequence[ImageRecord], label: str) -> np.ndarray:
     if label == "abnormal":
         return np.array([[np.nan if r.label is None else r.label] for r in records], dtype=np.float32)
     n = len(target_names(label))
-    return np.array([r.findings if r.findings is not None else (np.nan,) * n for r in records], dtype=np.float32)
+    return np.array(
+        [r.findings if r.findings is not None else (np.nan,) * n for r in records], dtype=np.float32
+    )
 
 
-
-def patient_splits(records: Sequence[ImageRecord], targets: np.ndarray, *, val_fraction: float,
-                   test_fraction: float, seed: int) -> dict[str, np.ndarray]:
+def patient_splits(
+    records: Sequence[ImageRecord],
+    targets: np.ndarray,
+    *,
+    val_fraction: float,
+    test_fraction: float,
+    seed: int,
+) -> dict[str, np.ndarray]:
     """Patient-wise train/val/test indices into ``records``.
 
     The official test list is used when any record has ``split`` set (records without one join
@@ -49,22 +56,29 @@ def patient_splits(records: Sequence[ImageRecord], targets: np.ndarray, *, val_f
     else:
         train, test = carve_patients(all_idx, groups, positive, test_fraction, rng)
     train, val = carve_patients(train, groups, positive, val_fraction, rng)
-    shared = (set(groups[train]) & set(groups[val])) | (set(groups[train]) & set(groups[test])) \
+    shared = (
+        (set(groups[train]) & set(groups[val]))
+        | (set(groups[train]) & set(groups[test]))
         | (set(groups[val]) & set(groups[test]))
+    )
     if shared:
-        raise EvaluationError(f"{len(shared)} patients appear in more than one of train/validation/test "
-                              f"(e.g. {sorted(shared)[:3]}); the official split lists disagree with the patient ids.")
+        raise EvaluationError(
+            f"{len(shared)} patients appear in more than one of train/validation/test "
+            f"(e.g. {sorted(shared)[:3]}); the official split lists disagree with the patient ids."
+        )
     for name, idx in (("train", train), ("validation", val), ("test", test)):
         if len(idx) == 0:
-            raise EvaluationError(f"The {name} split is empty ({len(records)} labelled images, "
-                                  f"{len(set(groups))} patients); fine-tuning needs more patients.")
+            raise EvaluationError(
+                f"The {name} split is empty ({len(records)} labelled images, "
+                f"{len(set(groups))} patients); fine-tuning needs more patients."
+            )
     return {"train": train, "val": val, "test": test}
 
 
 def epoch_batches(n: int, epoch: int, seed: int, batch_size: int) -> list[np.ndarray]:
     """The optimizer steps of one epoch: a permutation seeded by ``(seed, epoch)`` cut into batches."""
     order = np.random.default_rng([seed, epoch]).permutation(n)
-    return [order[i:i + batch_size] for i in range(0, n, batch_size)]
+    return [order[i : i + batch_size] for i in range(0, n, batch_size)]
 
 
 class ImageDataset:
@@ -98,20 +112,35 @@ def _loader(dataset: ImageDataset, batches: list[list[int]], workers: int, seed:
 
     # Own generator: the DataLoader would otherwise draw its worker seed from torch's global RNG, which
     # DropPath also uses, and a resumed run would see a different DropPath stream.
-    return DataLoader(dataset, batch_sampler=batches, num_workers=workers, collate_fn=collate,
-                      pin_memory=pin, generator=torch.Generator().manual_seed(seed))
+    return DataLoader(
+        dataset,
+        batch_sampler=batches,
+        num_workers=workers,
+        collate_fn=collate,
+        pin_memory=pin,
+        generator=torch.Generator().manual_seed(seed),
+    )
 
 
 # --------------------------------------------------------------------------------------- evaluation helpers
 
 
 @torch.no_grad()
-def predict_logits(net: nn.Module, dataset: ImageDataset, indices: np.ndarray, *, batch_size: int, device: torch.device,
-                   precision: str, workers: int, seed: int) -> tuple[np.ndarray, np.ndarray, list[tuple[int, str]]]:
+def predict_logits(
+    net: nn.Module,
+    dataset: ImageDataset,
+    indices: np.ndarray,
+    *,
+    batch_size: int,
+    device: torch.device,
+    precision: str,
+    workers: int,
+    seed: int,
+) -> tuple[np.ndarray, np.ndarray, list[tuple[int, str]]]:
     """Eval-mode logits for ``dataset[indices]``: (indices that decoded, (n, T) float64 logits, failures)."""
     was_training = net.training
     net.eval()
-    batches = [indices[i:i + batch_size].tolist() for i in range(0, len(indices), batch_size)]
+    batches = [indices[i : i + batch_size].tolist() for i in range(0, len(indices), batch_size)]
     kept: list[int] = []
     outs: list[np.ndarray] = []
     failed: list[tuple[int, str]] = []
@@ -137,5 +166,3 @@ def mean_auc(y: np.ndarray, scores: np.ndarray) -> float:
     aucs = [roc_auc(y[:, t], scores[:, t]) for t in range(y.shape[1])]
     aucs = [a for a in aucs if not math.isnan(a)]
     return float(np.mean(aucs)) if aucs else float("nan")
-
-

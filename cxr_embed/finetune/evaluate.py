@@ -47,12 +47,17 @@ def _validation_metrics(run: _Run, y_val: np.ndarray, val_logits: np.ndarray) ->
     return out
 
 
-def _test_tables(run: _Run, val: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray, np.ndarray],
-                 temperature: float) -> tuple[list, list, list, dict]:
+def _test_tables(
+    run: _Run, val: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray, np.ndarray], temperature: float
+) -> tuple[list, list, list, dict]:
     """Per target: predictions (calibrated + raw), metrics with patient-clustered CIs, ModelResults."""
     (val_idx, val_logits), (test_idx, test_logits) = val, test
     y_val, y_test = run.targets[val_idx], run.targets[test_idx]
-    p_val, p_test, raw_test = expit(val_logits / temperature), expit(test_logits / temperature), expit(test_logits)
+    p_val, p_test, raw_test = (
+        expit(val_logits / temperature),
+        expit(test_logits / temperature),
+        expit(test_logits),
+    )
     row_ids = _store_row_ids(run, test_idx)
     image_ids = [run.dataset.records[i].image_id for i in test_idx]
     groups = group_ids([run.dataset.records[i].patient_id for i in test_idx])
@@ -62,19 +67,54 @@ def _test_tables(run: _Run, val: tuple[np.ndarray, np.ndarray], test: tuple[np.n
     for t, target in enumerate(run.names):
         yv, yt = y_val[:, t].astype(np.int64), y_test[:, t].astype(np.int64)
         if len(np.unique(yt)) < 2:
-            continue   # a finding absent from the test split: no ROC-AUC to report
+            continue  # a finding absent from the test split: no ROC-AUC to report
         two = len(np.unique(yv)) == 2
-        m = metrics.evaluate_binary(yt, p_test[:, t], yv if two else None, p_val[:, t] if two else None,
-                                    n_boot=run.config.n_boot, seed=run.config.seed, clusters=groups, all_cis=True)
+        m = metrics.evaluate_binary(
+            yt,
+            p_test[:, t],
+            yv if two else None,
+            p_val[:, t] if two else None,
+            n_boot=run.config.n_boot,
+            seed=run.config.seed,
+            clusters=groups,
+            all_cis=True,
+        )
         summary[target] = dict(m.values)
         summary[target]["ci_low"], summary[target]["ci_high"] = m.auc_ci
-        preds.append(predictions_table(run.run_id, ARM, CLASSIFIER, target, fold, row_ids, image_ids, p_test[:, t], yt,
-                                       plan_id=plan_id, prob_raw=raw_test[:, t]))
+        preds.append(
+            predictions_table(
+                run.run_id,
+                ARM,
+                CLASSIFIER,
+                target,
+                fold,
+                row_ids,
+                image_ids,
+                p_test[:, t],
+                yt,
+                plan_id=plan_id,
+                prob_raw=raw_test[:, t],
+            )
+        )
         # one test split: its fold, and (one-split plans) the same numbers as the pooled row
         for f in dict.fromkeys((int(fold[0]), -1 if run.config.fold is None else int(fold[0]))):
             mets.append(metrics_table(run.run_id, ARM, CLASSIFIER, target, f, m, plan_id=plan_id))
-        results.append(ModelResult(CLASSIFIER, target, np.asarray(test_idx), yt, p_test[:, t], fold, [m], m,
-                                   [m.thresholds], run.timings.get("train_s", 0.0), groups, raw_test[:, t]))
+        results.append(
+            ModelResult(
+                CLASSIFIER,
+                target,
+                np.asarray(test_idx),
+                yt,
+                p_test[:, t],
+                fold,
+                [m],
+                m,
+                [m.thresholds],
+                run.timings.get("train_s", 0.0),
+                groups,
+                raw_test[:, t],
+            )
+        )
     return results, preds, mets, summary
 
 
@@ -85,7 +125,7 @@ def _finish(run: _Run, state: TrainState, status: str) -> FineTuneResult:
     are touched once, for the cell the sweep selects.
     """
     started = time.perf_counter()
-    _load_best(run)   # already EMA-averaged when EMA is on
+    _load_best(run)  # already EMA-averaged when EMA is on
     val = _predict(run, "val")
     y_val = run.targets[val[0]]
     temperature, warnings = _calibrate(run, y_val, val[1])
@@ -96,20 +136,35 @@ def _finish(run: _Run, state: TrainState, status: str) -> FineTuneResult:
         if len(test[0]) == 0:
             raise EvaluationError("No test image could be decoded; see errors.parquet in the output folder.")
         results, preds, mets, summary = _test_tables(run, val, test, temperature)
-        meta = {k: np.array([getattr(r, k) for r in run.dataset.records], dtype=object) for k in ("sex", "age", "view")}
-        mets += subgroup_metrics_tables(run.run_id, ARM, subgroup_table(results, meta, seed=run.config.seed),
-                                        plan_id=run.config.plan)
+        meta = {
+            k: np.array([getattr(r, k) for r in run.dataset.records], dtype=object)
+            for k in ("sex", "age", "view")
+        }
+        mets += subgroup_metrics_tables(
+            run.run_id, ARM, subgroup_table(results, meta, seed=run.config.seed), plan_id=run.config.plan
+        )
         from cxr_embed import plots
 
         plot_files = plots.plot_run(run.out / "plots" / run.run_id, results) if results else []
         model_dir = export_model(run, temperature, state)
     run.timings["finish_s"] = time.perf_counter() - started
-    params = {**dataclasses.asdict(run.config), "status": status, "started_at": run.created_at,
-              "plan_id": run.config.plan, "bootstrap_unit": stats.PATIENT, "best_epoch": state.best_epoch,
-              "best_val_roc_auc": state.best_auc, "global_step": state.global_step, "temperature": temperature,
-              "n_images": _sizes(run), "base_model_id": run.base.model_id, "validation": val_metrics,
-              "base_checkpoint_sha256": run.base.checkpoint_sha256, "model_dir": str(model_dir) if model_dir else None,
-              "history": state.history}
+    params = {
+        **dataclasses.asdict(run.config),
+        "status": status,
+        "started_at": run.created_at,
+        "plan_id": run.config.plan,
+        "bootstrap_unit": stats.PATIENT,
+        "best_epoch": state.best_epoch,
+        "best_val_roc_auc": state.best_auc,
+        "global_step": state.global_step,
+        "temperature": temperature,
+        "n_images": _sizes(run),
+        "base_model_id": run.base.model_id,
+        "validation": val_metrics,
+        "base_checkpoint_sha256": run.base.checkpoint_sha256,
+        "model_dir": str(model_dir) if model_dir else None,
+        "history": state.history,
+    }
     if run.config.evaluate_test:
         sinks: list[Any] = [FolderResults(run.out)]
         if run.config.store:
@@ -119,13 +174,26 @@ def _finish(run: _Run, state: TrainState, status: str) -> FineTuneResult:
         for sink in sinks:
             write_results(sink, run.run_id, "finetune", params, run.timings, preds, mets, warnings)
     _write_failures(run)
-    result = FineTuneResult(status=status, run_id=run.run_id, out=run.out, state=state, model_dir=model_dir,
-                            temperature=temperature, test_metrics=summary, n_images=_sizes(run),
-                            failures=list(run.failures.values()), plots=[Path(p) for p in plot_files],
-                            warnings=warnings, val_metrics=val_metrics, plan_id=run.config.plan)
-    write_json_atomic({k: v for k, v in dataclasses.asdict(result).items() if k != "state"}
-                      | {"history": state.history, "best_epoch": state.best_epoch, "best_val_roc_auc": state.best_auc},
-                      run.out / "result.json")
+    result = FineTuneResult(
+        status=status,
+        run_id=run.run_id,
+        out=run.out,
+        state=state,
+        model_dir=model_dir,
+        temperature=temperature,
+        test_metrics=summary,
+        n_images=_sizes(run),
+        failures=list(run.failures.values()),
+        plots=[Path(p) for p in plot_files],
+        warnings=warnings,
+        val_metrics=val_metrics,
+        plan_id=run.config.plan,
+    )
+    write_json_atomic(
+        {k: v for k, v in dataclasses.asdict(result).items() if k != "state"}
+        | {"history": state.history, "best_epoch": state.best_epoch, "best_val_roc_auc": state.best_auc},
+        run.out / "result.json",
+    )
     return result
 
 
@@ -148,8 +216,8 @@ def _write_failures(run: _Run) -> None:
 
     rows = list(run.failures.values())
     now = [datetime.now(timezone.utc)] * len(rows)
-    table = pa.table({**{c: [r[c] for r in rows] for c in ("image_id", "path", "stage", "reason")}, "run_at": now},
-                     schema=ERRORS_SCHEMA)
+    table = pa.table(
+        {**{c: [r[c] for r in rows] for c in ("image_id", "path", "stage", "reason")}, "run_at": now},
+        schema=ERRORS_SCHEMA,
+    )
     write_parquet_atomic(table, run.out / "errors.parquet")
-
-

@@ -18,9 +18,17 @@ from cxr_embed.errors import ConfigError
 
 #: Parameter-name patterns without weight decay: the reference's NO_WEIGHT_DECAY_MODULES (dw, norm) and
 #: WEIGHT_DECAY_PATTERNS (biases, logit_scale, positional/token embeddings).
-NO_DECAY_PATTERNS = (r"(^|\.)dw\.", r"(^|\.)norms?\.", r"(^|\.)norm\d*\.", r"\.bias$", r"^bias$", r"logit_scale",
-                     r"positional_embedding", r"token_embedding", r"(^|\.)ln_")
-
+NO_DECAY_PATTERNS = (
+    r"(^|\.)dw\.",
+    r"(^|\.)norms?\.",
+    r"(^|\.)norm\d*\.",
+    r"\.bias$",
+    r"^bias$",
+    r"logit_scale",
+    r"positional_embedding",
+    r"token_embedding",
+    r"(^|\.)ln_",
+)
 
 
 # --------------------------------------------------------------------------------------- optimisation
@@ -34,8 +42,9 @@ def no_weight_decay(name: str, param: torch.Tensor) -> bool:
     return param.ndim <= 1 or any(re.search(p, name) for p in NO_DECAY_PATTERNS)
 
 
-def param_groups(named: Sequence[tuple[str, torch.Tensor]], weight_decay: float,
-                 head_lr_scale: float = 1.0) -> list[dict[str, Any]]:
+def param_groups(
+    named: Sequence[tuple[str, torch.Tensor]], weight_decay: float, head_lr_scale: float = 1.0
+) -> list[dict[str, Any]]:
     """AdamW parameter groups: ``[decay, no_decay]`` over the trainable tower parameters, names kept for checks,
     then the same two for the classification head (``head.*``) when there is one.
 
@@ -43,14 +52,20 @@ def param_groups(named: Sequence[tuple[str, torch.Tensor]], weight_decay: float,
     learns slowly at the tower's small learning rate, so users may give it a larger one.
     """
     buckets: dict[tuple[bool, bool], list[tuple[str, torch.Tensor]]] = {
-        (h, d): [] for h in (False, True) for d in (True, False)}
+        (h, d): [] for h in (False, True) for d in (True, False)
+    }
     for name, p in named:
         if p.requires_grad:
             buckets[(name.startswith("head."), not no_weight_decay(name, p))].append((name, p))
     return [
-        {"params": [p for _, p in items], "names": [n for n, _ in items],
-         "weight_decay": weight_decay if decay else 0.0, "lr_scale": head_lr_scale if head else 1.0}
-        for (head, decay), items in buckets.items() if not head or items
+        {
+            "params": [p for _, p in items],
+            "names": [n for n, _ in items],
+            "weight_decay": weight_decay if decay else 0.0,
+            "lr_scale": head_lr_scale if head else 1.0,
+        }
+        for (head, decay), items in buckets.items()
+        if not head or items
     ]
 
 
@@ -101,9 +116,18 @@ class EMA:
 # --------------------------------------------------------------------------------------- augmentation
 
 
-def augment_batch(x: torch.Tensor, generator: torch.Generator, mean: Sequence[float], std: Sequence[float], *,
-                  max_rotation_deg: float = 7.0, scale: tuple[float, float] = (0.9, 1.1),
-                  brightness: float = 0.1, contrast: float = 0.1, hflip: bool = False) -> torch.Tensor:
+def augment_batch(
+    x: torch.Tensor,
+    generator: torch.Generator,
+    mean: Sequence[float],
+    std: Sequence[float],
+    *,
+    max_rotation_deg: float = 7.0,
+    scale: tuple[float, float] = (0.9, 1.1),
+    brightness: float = 0.1,
+    contrast: float = 0.1,
+    hflip: bool = False,
+) -> torch.Tensor:
     """Random small rotation, zoom, brightness and contrast of a preprocessed batch (B, 3, H, W).
 
     Works in pixel space (mean/std undone, then redone) so that the area rotated in is black like a
@@ -125,8 +149,13 @@ def augment_batch(x: torch.Tensor, generator: torch.Generator, mean: Sequence[fl
     gain = uniform(1.0 - contrast, 1.0 + contrast)
     shift = uniform(-brightness, brightness)
     cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
-    theta = torch.stack([torch.stack([cos, -sin, torch.zeros_like(cos)], 1),
-                         torch.stack([sin, cos, torch.zeros_like(cos)], 1)], 1)
+    theta = torch.stack(
+        [
+            torch.stack([cos, -sin, torch.zeros_like(cos)], 1),
+            torch.stack([sin, cos, torch.zeros_like(cos)], 1),
+        ],
+        1,
+    )
     if flip is not None:
         theta[:, :, 0] = theta[:, :, 0] * flip.view(-1, 1)
     pixels = x * s + m
@@ -157,7 +186,9 @@ class FineTuneNet(nn.Module):
         self.encoder = encoder
         self.head = nn.Linear(feature_dim, n_targets)
         nn.init.zeros_(self.head.weight)
-        p = np.clip(np.asarray(prior if prior is not None else [0.5] * n_targets, dtype=np.float64), 1e-3, 1 - 1e-3)
+        p = np.clip(
+            np.asarray(prior if prior is not None else [0.5] * n_targets, dtype=np.float64), 1e-3, 1 - 1e-3
+        )
         with torch.no_grad():
             self.head.bias.copy_(torch.from_numpy(np.log(p / (1 - p))).float())
 
@@ -184,5 +215,3 @@ def freeze_stages(encoder: nn.Module, k: int) -> int:
             p.requires_grad_(False)
             frozen += 1
     return frozen
-
-

@@ -25,7 +25,7 @@ class _Run:
     out: Path
     run_id: str
     created_at: str
-    base: Any                      # the loaded MedImageInsight (its module holds the full UniCL)
+    base: Any  # the loaded MedImageInsight (its module holds the full UniCL)
     net: FineTuneNet
     optimizer: torch.optim.Optimizer
     scaler: Any
@@ -44,17 +44,16 @@ class _Run:
     def record_failures(self, bad: list[tuple[int, str]]) -> None:
         for i, reason in bad:
             r = self.dataset.records[i]
-            self.failures.setdefault(r.image_id, {"image_id": r.image_id, "path": r.path, "stage": "decode",
-                                                  "reason": reason})
+            self.failures.setdefault(
+                r.image_id, {"image_id": r.image_id, "path": r.path, "stage": "decode", "reason": reason}
+            )
 
     def trainable(self) -> list[tuple[str, torch.Tensor]]:
         return [(n, p) for n, p in self.net.named_parameters() if p.requires_grad]
 
 
-
 def _sizes(run: _Run) -> dict[str, int]:
     return {k: int(len(v)) for k, v in run.splits.items()}
-
 
 
 @contextmanager
@@ -68,12 +67,18 @@ def _eval_weights(run: _Run) -> Iterator[None]:
 
 
 def _predict(run: _Run, split: str) -> tuple[np.ndarray, np.ndarray]:
-    idx, logits, bad = predict_logits(run.net, run.dataset, run.splits[split], batch_size=run.config.micro_batch,
-                                      device=run.device, precision=run.config.precision,
-                                      workers=run.config.workers, seed=run.config.seed)
+    idx, logits, bad = predict_logits(
+        run.net,
+        run.dataset,
+        run.splits[split],
+        batch_size=run.config.micro_batch,
+        device=run.device,
+        precision=run.config.precision,
+        workers=run.config.workers,
+        seed=run.config.seed,
+    )
     run.record_failures(bad)
     return idx, logits
-
 
 
 def _load_best(run: _Run) -> None:
@@ -85,5 +90,3 @@ def _load_best(run: _Run) -> None:
             path.parent.mkdir(exist_ok=True)
             save_file(_cpu_state(run.net), path)
     run.net.load_state_dict(load_file(path, device=str(run.device)), strict=True)
-
-

@@ -34,7 +34,9 @@ def parse_values(text: str, option: str) -> list[float]:
     try:
         values = [float(v) for v in text.split(",") if v.strip()]
     except ValueError:
-        raise ConfigError(f"{option} takes a number or a comma-separated list, e.g. 1e-4,1e-5 (got {text!r}).") from None
+        raise ConfigError(
+            f"{option} takes a number or a comma-separated list, e.g. 1e-4,1e-5 (got {text!r})."
+        ) from None
     if not values:
         raise ConfigError(f"{option} needs at least one value.")
     return values
@@ -57,7 +59,7 @@ class SweepResult:
     sweep_id: str
     cells: list[SweepCell]
     selected: SweepCell | None
-    test: FineTuneResult | None     # the selected cell's test evaluation (None when interrupted)
+    test: FineTuneResult | None  # the selected cell's test evaluation (None when interrupted)
     warnings: list[str] = field(default_factory=list)
 
 
@@ -74,8 +76,9 @@ def _run_cell(config: FineTuneConfig, cell: SweepCell, progress: bool) -> None:
     """Train one cell (validation only) unless it already finished; fill its validation metrics."""
     saved = _read_result(cell.out)
     if saved is None or saved["status"] not in FINISHED:
-        cfg = dataclasses.replace(config, out=str(cell.out), lr=cell.lr, weight_decay=cell.weight_decay,
-                                  evaluate_test=False)
+        cfg = dataclasses.replace(
+            config, out=str(cell.out), lr=cell.lr, weight_decay=cell.weight_decay, evaluate_test=False
+        )
         resume = (cell.out / "config.json").is_file()
         result = finetune(resume_config(cell.out, {}) if resume else cfg, resume=resume, progress=progress)
         if result.status == "interrupted":
@@ -94,14 +97,30 @@ def _key(cell: SweepCell) -> tuple[float, float]:
 
 def sweep_table(sweep_id: str, plan_id: str | None, cells: list[SweepCell]) -> pa.Table:
     now = datetime.now(timezone.utc)
-    return pa.Table.from_pylist([
-        {"sweep_id": sweep_id, "created_at": now, "plan_id": plan_id, "lr": c.lr, "weight_decay": c.weight_decay,
-         "run_id": c.run_id, "status": c.status, "val_roc_auc": c.val_roc_auc, "val_brier": c.val_brier,
-         "selected": c.selected, "out": str(c.out)} for c in cells], schema=RESULT_SCHEMAS["sweep"])
+    return pa.Table.from_pylist(
+        [
+            {
+                "sweep_id": sweep_id,
+                "created_at": now,
+                "plan_id": plan_id,
+                "lr": c.lr,
+                "weight_decay": c.weight_decay,
+                "run_id": c.run_id,
+                "status": c.status,
+                "val_roc_auc": c.val_roc_auc,
+                "val_brier": c.val_brier,
+                "selected": c.selected,
+                "out": str(c.out),
+            }
+            for c in cells
+        ],
+        schema=RESULT_SCHEMAS["sweep"],
+    )
 
 
-def run_sweep(config: FineTuneConfig, lrs: list[float], weight_decays: list[float], *,
-              progress: bool = True) -> SweepResult:
+def run_sweep(
+    config: FineTuneConfig, lrs: list[float], weight_decays: list[float], *, progress: bool = True
+) -> SweepResult:
     """Train every (lr, weight decay) cell on validation, then test the selected cell once."""
     from cxr_embed.finetune.runner import _plan_folds, _resolve_plan
     from cxr_embed.results import FolderResults
@@ -109,10 +128,12 @@ def run_sweep(config: FineTuneConfig, lrs: list[float], weight_decays: list[floa
     config.validate()
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
-    config = _resolve_plan(config)   # every cell on the same plan (made once)
+    config = _resolve_plan(config)  # every cell on the same plan (made once)
     if _plan_folds(config):
-        raise ConfigError("A sweep selects on one validation split; use --split holdout or official with "
-                          "--lr/--weight-decay lists (K folds would train every cell once per fold).")
+        raise ConfigError(
+            "A sweep selects on one validation split; use --split holdout or official with "
+            "--lr/--weight-decay lists (K folds would train every cell once per fold)."
+        )
     cells = [SweepCell(lr, wd, cell_dir(out, lr, wd)) for lr in lrs for wd in weight_decays]
     for cell in cells:
         _run_cell(config, cell, progress)
@@ -121,7 +142,7 @@ def run_sweep(config: FineTuneConfig, lrs: list[float], weight_decays: list[floa
     best = max(cells, key=_key)
     best.selected = True
     saved = _read_result(best.out)
-    if saved and saved.get("test_metrics"):   # tested before: the test rows are not touched again
+    if saved and saved.get("test_metrics"):  # tested before: the test rows are not touched again
         test = None
     else:
         test = finetune(resume_config(best.out, {"evaluate_test": True}), resume=True, progress=progress)
