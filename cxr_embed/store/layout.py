@@ -133,12 +133,8 @@ def stat_check(root: Path, entry: dict[str, Any], what: str) -> None:
         raise damaged(root, what, rel, f"{st.st_size:,} bytes, store.json recorded {entry['bytes']:,}")
 
 
-def read_verified(root: Path, entry: dict[str, Any], what: str, *, parquet: bool = True) -> bytes:
-    """The file's bytes after checking size, Parquet magic and sha256 against ``entry``.
-
-    Hashing the bytes that are read anyway (instead of reading the file twice) is what keeps
-    verification cheap: see ``benchmarks/store_checksums.py``.
-    """
+def read_checked(root: Path, entry: dict[str, Any], what: str, *, parquet: bool = True) -> bytes:
+    """The file's bytes after checking its size (and Parquet magic) against ``entry``; not hashed yet."""
     stat_check(root, entry, what)
     rel = entry["file"]
     try:
@@ -149,8 +145,22 @@ def read_verified(root: Path, entry: dict[str, Any], what: str, *, parquet: bool
         raise damaged(root, what, rel, f"{len(data):,} bytes, store.json recorded {entry['bytes']:,}")
     if parquet and (data[:4] != PARQUET_MAGIC or data[-4:] != PARQUET_MAGIC):
         raise damaged(root, what, rel, "not a Parquet file: its header or footer is missing")
-    if sha256_bytes(data) != entry["sha256"]:
-        raise tampered(root, what, rel)
+    return data
+
+
+def check_sha256(root: Path, entry: dict[str, Any], what: str, digest: str) -> None:
+    if digest != entry["sha256"]:
+        raise tampered(root, what, entry["file"])
+
+
+def read_verified(root: Path, entry: dict[str, Any], what: str, *, parquet: bool = True) -> bytes:
+    """The file's bytes after checking size, Parquet magic and sha256 against ``entry``.
+
+    Hashing the bytes that are read anyway (instead of reading the file twice) is what keeps
+    verification cheap: see ``benchmarks/store_checksums.py``.
+    """
+    data = read_checked(root, entry, what, parquet=parquet)
+    check_sha256(root, entry, what, sha256_bytes(data))
     return data
 
 

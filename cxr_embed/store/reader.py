@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -34,12 +35,15 @@ from cxr_embed.store.layout import (
     MANIFEST,
     MANIFEST_LOCK,
     RESULTS_DIR,
+    check_sha256,
     damaged,
     file_entry,
     local_store_path,
     manifest_lock,
+    read_checked,
     read_manifest,
     read_verified,
+    sha256_bytes,
     stat_check,
     token,
 )
@@ -74,19 +78,32 @@ def _remember(path: Path, entry: dict[str, Any]) -> None:
     _VERIFIED[(str(path), st.st_size, st.st_mtime_ns)] = entry["sha256"]
 
 
+_HASHER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cxr-embed-sha256")
+"""hashlib and Parquet decoding both release the GIL: a shard's hash runs beside its parse."""
+
+
 def read_table_verified(
     root: Path, entry: dict[str, Any], what: str, columns: Sequence[str] | None = None
 ) -> pa.Table:
     """A Parquet store file, checksum-verified, parsed; StoreDamagedError naming it when it is not sound."""
     path = root / entry["file"]
-    try:
-        if _cached(path, entry):
+    if _cached(path, entry):
+        try:
             return pq.read_table(path, columns=list(columns) if columns is not None else None)
-        table = parse_parquet(read_verified(root, entry, what), columns)
+        except pa.ArrowException as exc:
+            raise damaged(
+                root, what, entry["file"], f"unreadable Parquet: {str(exc).splitlines()[0][:160]}"
+            ) from None
+    data = read_checked(root, entry, what)
+    digest = _HASHER.submit(sha256_bytes, data)
+    try:
+        table = parse_parquet(data, columns)
     except pa.ArrowException as exc:
+        check_sha256(root, entry, what, digest.result())  # a valid-looking file that was altered: say so
         raise damaged(
             root, what, entry["file"], f"unreadable Parquet: {str(exc).splitlines()[0][:160]}"
         ) from None
+    check_sha256(root, entry, what, digest.result())
     _remember(path, entry)
     return table
 
