@@ -36,7 +36,7 @@ from cxr_embed.errors import ConfigError, CxrEmbedError, DependencyError
 from cxr_embed.indexes import resolve_kind
 from cxr_embed.progress import progress_bar
 from cxr_embed.records import ImageRecord, ReadFailure, read_dataset
-from cxr_embed.store import Store, StoreLock, StoreWriter
+from cxr_embed.store import Store, StoreLock, StoreWriter, recorded_model_dir
 
 if TYPE_CHECKING:
     import torch
@@ -221,7 +221,8 @@ def run_index(source: str | Path, store_dir: str | Path, config: IndexConfig | N
     lock = StoreLock(store_dir).acquire()  # before the model loads: a second writer is refused at once
     try:
         if model is None:
-            model = MedImageInsight.load(config.model_dir, device=config.device, precision=config.precision)
+            model_dir = config.model_dir or recorded_model_dir(store_dir)  # a rerun finds the store's model
+            model = MedImageInsight.load(model_dir, device=config.device, precision=config.precision)
     except BaseException:
         lock.release()
         raise

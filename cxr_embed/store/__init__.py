@@ -37,7 +37,7 @@ from cxr_embed.store.layout import (
     read_manifest,
 )
 from cxr_embed.store.migrate import MigrateResult, migrate_store
-from cxr_embed.store.model import load_store_model, store_model_dir
+from cxr_embed.store.model import load_store_model, recorded_model_dir, store_model_dir
 from cxr_embed.store.reader import Store
 from cxr_embed.store.tables import conform, embedding_matrix, metadata_table
 from cxr_embed.store.validate import Check, ValidationReport, validate_store
@@ -76,6 +76,7 @@ __all__ = [
     "metadata_table",
     "migrate_store",
     "read_manifest",
+    "recorded_model_dir",
     "shard_schema",
     "store_info",
     "store_model_dir",

@@ -130,7 +130,12 @@ def stat_check(root: Path, entry: dict[str, Any], what: str) -> None:
     if not path.is_file():
         raise damaged(root, what, rel, "it is not a regular file")
     if st.st_size != entry["bytes"]:
-        raise damaged(root, what, rel, f"{st.st_size:,} bytes, store.json recorded {entry['bytes']:,}")
+        raise damaged(
+            root,
+            what,
+            rel,
+            f"{st.st_size:,} bytes, store.json recorded {entry['bytes']:,}: truncated, overwritten or modified outside cxr-embed",
+        )
 
 
 def read_checked(root: Path, entry: dict[str, Any], what: str, *, parquet: bool = True) -> bytes:
@@ -142,7 +147,12 @@ def read_checked(root: Path, entry: dict[str, Any], what: str, *, parquet: bool 
     except OSError as exc:
         raise damaged(root, what, rel, f"cannot be read: {exc.strerror}") from None
     if len(data) != entry["bytes"]:
-        raise damaged(root, what, rel, f"{len(data):,} bytes, store.json recorded {entry['bytes']:,}")
+        raise damaged(
+            root,
+            what,
+            rel,
+            f"{len(data):,} bytes, store.json recorded {entry['bytes']:,}: truncated, overwritten or modified outside cxr-embed",
+        )
     if parquet and (data[:4] != PARQUET_MAGIC or data[-4:] != PARQUET_MAGIC):
         raise damaged(root, what, rel, "not a Parquet file: its header or footer is missing")
     return data

@@ -101,7 +101,7 @@ def validate_store(path: str | Path) -> ValidationReport:
     bad = 0
     for i, _shard in enumerate(shards):
         bad += not _check_shard(report, store, i, emb, ids)
-    report.add("shards", not bad, f"{len(shards)} shards, {bad} damaged", fix=REINDEX)
+    report.add("shards", not bad, f"{len(shards)} shards, {bad} damaged", fix="see the lines above")
     if bad:
         return report
     report.add(
