@@ -41,7 +41,7 @@ def finetune(
     max_steps: Annotated[int | None, typer.Option(help="Stop after N optimizer steps in total (checkpoint saved; --resume continues).")] = None,
     workers: Annotated[int, typer.Option(help="DataLoader worker processes for decoding.")] = 0,
     device: Annotated[str, typer.Option(help="auto | cuda | cpu.")] = "auto",
-    store: Annotated[Path | None, typer.Option("--store", "-s", help="Also write predictions/metrics/runs into this store.")] = None,
+    store: Annotated[str | None, typer.Option("--store", "-s", help="Also write predictions/metrics/runs into this store.")] = None,
     resume: Annotated[bool, typer.Option(help="Continue the run in --out exactly where it stopped.")] = False,
     seed: Annotated[int, typer.Option(help="Seed of the split, data order, augmentation and initialisation.")] = 0,
     as_json: JsonOpt = False,

@@ -404,3 +404,11 @@ def test_a_rerun_rebuilds_a_missing_index_and_re_embeds_a_damaged_shard(small_st
         zip(preds.column("image_id").to_pylist(), preds.column("row_id").to_pylist(), strict=True)
     )
     assert by_image["i016.png"] is None and by_image["i030.png"] == meta.index("i030.png")
+
+
+def test_a_reader_overtaken_by_a_delete_is_told_to_rerun(small_store: Path) -> None:
+    reader = Store.open(small_store)
+    result = runner.invoke(app, ["store", "delete", "--store", str(small_store), "--image", "i001.png"])
+    assert result.exit_code == 0, result.output
+    with pytest.raises(StoreError, match="changed by another cxr-embed process"):
+        reader.embeddings()

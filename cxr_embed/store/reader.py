@@ -167,7 +167,11 @@ class Store:
     def shard_table(self, i: int, columns: Sequence[str] | None = None) -> pa.Table:
         """Shard ``i`` (verified), or just ``columns`` of it; StoreDamagedError when it is not sound."""
         shard = self.manifest["shards"][i]
-        table = read_table_verified(self.path, shard, "shard", columns)
+        try:
+            table = read_table_verified(self.path, shard, "shard", columns)
+        except StoreDamagedError:
+            self._raise_if_changed_since_open()
+            raise
         if table.num_rows != shard["rows"]:
             raise damaged(
                 self.path,
@@ -362,6 +366,22 @@ class Store:
 
     def _result_entries(self, table: str) -> list[dict[str, Any]]:
         return list((self.manifest.get("results") or {}).get(table, []))
+
+    def _raise_if_changed_since_open(self) -> None:
+        """A writer that committed a new version (delete, compact, metadata update) deletes the old
+        files: a reader holding the old manifest then finds one missing. Say that, not "damaged"."""
+        try:
+            current = read_manifest(self.path)
+        except StoreError:
+            return
+        if (
+            current.get("updated_at") != self.manifest.get("updated_at")
+            or current["shards"] != self.manifest["shards"]
+        ):
+            raise StoreError(
+                f"Store {self.path} was changed by another cxr-embed process while this command read it (a delete, "
+                "compact or index run committed a new version). Run the command again."
+            )
 
     def check_layout(self) -> None:
         """Shards contiguous over 0..N-1, counts agree, every recorded file present at its recorded size."""
