@@ -87,6 +87,7 @@ def small_store(tmp_path: Path) -> Path:
 # ----------------------------------------------------------------------------- the store remembers its model
 
 
+@pytest.mark.slow  # a classify run and two tiny-model loads
 def test_text_search_and_predict_without_model_dir_use_the_recorded_folder(
     tiny_store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -273,6 +274,7 @@ delete_rows(sys.argv[2], patients=["p01"])
 """
 
 
+@pytest.mark.slow  # a Python subprocess per case
 @pytest.mark.parametrize("moment", ["before", "after"])
 def test_sigkill_during_delete_leaves_the_old_or_the_new_store(small_store: Path, moment: str) -> None:
     proc = subprocess.run(

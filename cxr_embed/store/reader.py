@@ -365,6 +365,14 @@ class Store:
         return RESULT_SCHEMAS[table]
 
     def _result_entries(self, table: str) -> list[dict[str, Any]]:
+        """The table's recorded parts as of now: result tables grow while a Store is open (classify and
+        finetune append from other objects or processes), so the entries come from store.json on disk."""
+        try:
+            results = json.loads((self.path / MANIFEST).read_bytes()).get("results")
+        except (OSError, ValueError, AttributeError):
+            results = None
+        if isinstance(results, dict):
+            self.manifest["results"] = results
         return list((self.manifest.get("results") or {}).get(table, []))
 
     def _raise_if_changed_since_open(self) -> None:
@@ -439,8 +447,3 @@ class Store:
                 f"it holds {index.ntotal} vectors whose ids are not the row_ids 0..{n - 1}",
             )
         return index
-
-
-def load_manifest_json(root: Path) -> dict[str, Any]:
-    """store.json as raw JSON (no version check): for migration and validation of damaged stores."""
-    return json.loads((root / MANIFEST).read_bytes())
