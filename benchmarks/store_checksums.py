@@ -69,7 +69,9 @@ def main() -> None:
         out = np.empty((len(store), store.dim), np.float32)
         for shard, path in zip(store.manifest["shards"], paths, strict=True):
             col = pq.read_table(path, columns=["embedding"]).column("embedding")
-            out[shard["first_row_id"] : shard["first_row_id"] + shard["rows"]] = embedding_matrix(col, store.dim)
+            out[shard["first_row_id"] : shard["first_row_id"] + shard["rows"]] = embedding_matrix(
+                col, store.dim
+            )
         return out
 
     def verified() -> np.ndarray:
@@ -89,8 +91,12 @@ def main() -> None:
         "file_bytes_s": _best(lambda: [p.read_bytes() for p in paths], args.repeat),
     }
     np.testing.assert_array_equal(plain(), verified())
-    results["verification_overhead_pct"] = round(100 * (results["verified_read_s"] / results["plain_read_s"] - 1), 1)
-    results["sha256_share_of_plain_read_pct"] = round(100 * results["sha256_alone_s"] / results["plain_read_s"], 1)
+    results["verification_overhead_pct"] = round(
+        100 * (results["verified_read_s"] / results["plain_read_s"] - 1), 1
+    )
+    results["sha256_share_of_plain_read_pct"] = round(
+        100 * results["sha256_alone_s"] / results["plain_read_s"], 1
+    )
     for k in ("plain_read_s", "verified_read_s", "sha256_alone_s", "file_bytes_s"):
         results[k] = round(results[k], 3)
     print(json.dumps(results, indent=2))

@@ -30,10 +30,12 @@ from cxr_embed.errors import StoreDamagedError, StoreError, StoreLockedError, St
 from cxr_embed.records import ImageRecord, ReadFailure
 from cxr_embed.schema import ERRORS_SCHEMA
 from cxr_embed.store.layout import (
+    CACHE_DIR,
     EMBEDDINGS_DIR,
     INDEX_DIR,
     LOCK_FILE,
     MANIFEST,
+    MANIFEST_LOCK,
     RESULTS_DIR,
     commit_manifest,
     file_entry,
@@ -251,7 +253,9 @@ class StoreWriter:
 
     def _create(self) -> None:
         leftovers = [
-            p.name for p in self.path.iterdir() if p.name not in (LOCK_FILE, EMBEDDINGS_DIR, ".manifest.lock")
+            p.name
+            for p in self.path.iterdir()
+            if p.name not in (LOCK_FILE, MANIFEST_LOCK, EMBEDDINGS_DIR, CACHE_DIR)
         ]
         if leftovers:
             raise StoreError(
