@@ -414,3 +414,23 @@ def test_a_reader_overtaken_by_a_delete_is_told_to_rerun(small_store: Path) -> N
     assert result.exit_code == 0, result.output
     with pytest.raises(StoreError, match="changed by another cxr-embed process"):
         reader.embeddings()
+
+
+def test_results_computed_before_a_delete_are_refused(small_store: Path) -> None:
+    reader = Store.open(small_store)
+    preds = reader.read_results("predictions")
+    assert (
+        runner.invoke(app, ["store", "delete", "--store", str(small_store), "--patient", "p02"]).exit_code
+        == 0
+    )
+    with pytest.raises(StoreError, match="were removed .* while this command ran"):
+        reader.write_results("predictions", preds)
+    assert (
+        "i008.png" not in Store.open(small_store).read_results("predictions").column("image_id").to_pylist()
+    )
+    assert not [
+        p
+        for p in (small_store / "results" / "predictions").iterdir()
+        if f"results/predictions/{p.name}"
+        not in {e["file"] for e in Store.open(small_store).manifest["results"]["predictions"]}
+    ]

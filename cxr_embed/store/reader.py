@@ -108,6 +108,11 @@ def read_table_verified(
     return table
 
 
+def _removals(manifest: dict[str, Any]) -> int:
+    """How many row removals (delete, prune, repair) the store has seen: results computed before one are stale."""
+    return sum(1 for a in manifest.get("audit", []) if a.get("action") in ("delete", "prune", "repair"))
+
+
 class Store:
     """A committed store, read-only. Open with :meth:`open`; every consumer goes through this."""
 
@@ -337,6 +342,12 @@ class Store:
         entry = file_entry(rel, payload)
         with manifest_lock(self.path):
             manifest = read_manifest(self.path)
+            if _removals(manifest) != _removals(self.manifest):
+                (self.path / rel).unlink(missing_ok=True)
+                raise StoreError(
+                    f"Rows of store {self.path} were removed (store delete, --prune or a repair) while this command "
+                    "ran, so its results could name erased images or stale row_ids; nothing was written. Run it again."
+                )
             manifest.setdefault("results", {}).setdefault(table, []).append(entry)
             write_json_atomic(manifest, self.path / MANIFEST)
         self.manifest.setdefault("results", {}).setdefault(table, []).append(entry)
