@@ -44,7 +44,7 @@ def finetune(
     max_steps: Annotated[int | None, typer.Option(help="Stop after N optimizer steps in total (checkpoint saved; --resume continues).")] = None,
     workers: Annotated[int, typer.Option(help="DataLoader worker processes for decoding.")] = 0,
     device: Annotated[str, typer.Option(help="auto | cuda | cpu.")] = "auto",
-    store: Annotated[Path | None, typer.Option("--store", "-s", help="Write predictions/metrics/runs into this store and split by its evaluation plan (shared with classify and study).")] = None,
+    store: Annotated[str | None, typer.Option("--store", "-s", help="Write predictions/metrics/runs into this store and split by its evaluation plan (shared with classify and study).")] = None,
     plan: Annotated[str | None, typer.Option("--plan", help="The store's plan to train and test on (default: the plan with --split/--folds/--where/--sample, made once).")] = None,
     split: Annotated[str, typer.Option("--split", help="Plan kind with --store: holdout (train once), kfold (one model per fold: K GPU trainings), official.")] = "holdout",
     folds: Annotated[int, typer.Option("--folds", help="Folds of a kfold plan (one fine-tuned model each).")] = 5,

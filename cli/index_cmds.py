@@ -134,8 +134,9 @@ def info_cmd(store: StoreOpt, json_out: JsonOpt = False) -> None:
 @store_app.command("validate")
 @handle_errors
 def validate_cmd(store: StoreOpt, json_out: JsonOpt = False) -> None:
-    """Re-hash every file, re-read every shard, check row_ids, identity and that the FAISS index holds
-    exactly the Parquet vectors; one line per problem with what to do.
+    """Re-hash every file and re-read every shard; check row_ids, identity and the FAISS vectors against Parquet.
+
+    Prints one line per problem with what to do.
 
     Exits 1 when a check fails (warnings, such as orphan shards a killed run left, do not fail).
     """

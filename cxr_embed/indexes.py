@@ -47,7 +47,7 @@ SMALL_INPUT_ROWS = 20_000
 
 @dataclass
 class IndexInfo:
-    """What ``index/index.json`` records about the saved index (mirrored in ``store.json``)."""
+    """What ``store.json`` records about the committed index (its ``index`` entry, beside the file name and sha256)."""
 
     kind: str
     ntotal: int

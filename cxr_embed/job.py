@@ -7,6 +7,7 @@ place that knows which engines exist (``local``: :mod:`cxr_embed.local_engine`, 
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import time
 from pathlib import Path
@@ -14,7 +15,7 @@ from typing import TYPE_CHECKING
 
 from cxr_embed.errors import DependencyError
 from cxr_embed.pipeline import Engine, IndexConfig, IndexSummary, list_for_job, run_job
-from cxr_embed.store import StoreLock
+from cxr_embed.store import StoreLock, recorded_model_dir
 
 if TYPE_CHECKING:
     from cxr_embed.model import MedImageInsight
@@ -40,6 +41,8 @@ def run_index(
     config.check()
     start = time.perf_counter()
     lock = StoreLock(store_dir).acquire()  # before the model loads: a second writer is refused at once
+    if model is None and config.model_dir is None:  # a rerun finds the model the store was made with
+        config = dataclasses.replace(config, model_dir=recorded_model_dir(store_dir))
     try:
         # listing first: a wrong de-identification key or bad reader option is refused before the model loads
         listing = list_for_job(source, store_dir, config, progress)

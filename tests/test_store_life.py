@@ -87,6 +87,7 @@ def small_store(tmp_path: Path) -> Path:
 # ----------------------------------------------------------------------------- the store remembers its model
 
 
+@pytest.mark.slow  # a classify run and two tiny-model loads
 def test_text_search_and_predict_without_model_dir_use_the_recorded_folder(
     tiny_store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -273,6 +274,7 @@ delete_rows(sys.argv[2], patients=["p01"])
 """
 
 
+@pytest.mark.slow  # a Python subprocess per case
 @pytest.mark.parametrize("moment", ["before", "after"])
 def test_sigkill_during_delete_leaves_the_old_or_the_new_store(small_store: Path, moment: str) -> None:
     proc = subprocess.run(
@@ -356,3 +358,79 @@ def test_lock_problems_are_errors_and_the_job_locks_before_loading_the_model(
     (small_store / ".lock").mkdir()
     with pytest.raises(StoreError, match="must be a regular file"):
         StoreWriter.maintain(small_store).open()
+
+
+# ----------------------------------------------------------------------------- a rerun repairs what it can
+
+
+def test_a_rerun_rebuilds_a_missing_index_and_re_embeds_a_damaged_shard(small_store: Path) -> None:
+    from cxr_embed.records import ImageRecord
+
+    manifest = json.loads((small_store / MANIFEST).read_text())
+    (small_store / manifest["index"]["file"]).unlink()
+    damaged = small_store / manifest["shards"][2]["file"]
+    damaged.write_bytes(damaged.read_bytes()[:100])
+    with pytest.raises(StoreError, match="is damaged"):
+        Store.open(small_store)
+    records = [
+        ImageRecord(
+            image_id=r["image_id"],
+            path=r["path"],
+            patient_id=r["patient_id"],
+            label=r["label"],
+            split=r["split"],
+            study=None,
+            findings=None,
+            sex=None,
+            age=None,
+            view=None,
+            source=None,
+        )
+        for r in _rows()
+    ]
+    with StoreWriter.maintain(small_store) as w:
+        assert any("index" in r for r in w.repairs) and any(
+            "1 damaged shard(s) dropped (8 rows)" in r for r in w.repairs
+        )
+        todo = w.pending(records)
+        assert [r.image_id for r in todo] == [f"i{i:03d}.png" for i in range(16, 24)]
+        w.append(todo, _vectors()[16:24])
+        store = w.finalize()
+    assert len(store) == N and validate_store(small_store).ok
+    meta = store.metadata(["image_id"]).column("image_id").to_pylist()
+    np.testing.assert_array_equal(store.embeddings()[meta.index("i016.png")], _vectors()[16])
+    preds = store.read_results(
+        "predictions"
+    )  # row_ids of the dropped rows were cleared, the rest follow their image
+    by_image = dict(
+        zip(preds.column("image_id").to_pylist(), preds.column("row_id").to_pylist(), strict=True)
+    )
+    assert by_image["i016.png"] is None and by_image["i030.png"] == meta.index("i030.png")
+
+
+def test_a_reader_overtaken_by_a_delete_is_told_to_rerun(small_store: Path) -> None:
+    reader = Store.open(small_store)
+    result = runner.invoke(app, ["store", "delete", "--store", str(small_store), "--image", "i001.png"])
+    assert result.exit_code == 0, result.output
+    with pytest.raises(StoreError, match="changed by another cxr-embed process"):
+        reader.embeddings()
+
+
+def test_results_computed_before_a_delete_are_refused(small_store: Path) -> None:
+    reader = Store.open(small_store)
+    preds = reader.read_results("predictions")
+    assert (
+        runner.invoke(app, ["store", "delete", "--store", str(small_store), "--patient", "p02"]).exit_code
+        == 0
+    )
+    with pytest.raises(StoreError, match="were removed .* while this command ran"):
+        reader.write_results("predictions", preds)
+    assert (
+        "i008.png" not in Store.open(small_store).read_results("predictions").column("image_id").to_pylist()
+    )
+    assert not [
+        p
+        for p in (small_store / "results" / "predictions").iterdir()
+        if f"results/predictions/{p.name}"
+        not in {e["file"] for e in Store.open(small_store).manifest["results"]["predictions"]}
+    ]

@@ -12,8 +12,9 @@ Layout (see the README's index section)::
     .lock                             the writer lock (flock)
 
 Modules: :mod:`~cxr_embed.store.layout` (names, manifest, checksums), :mod:`~cxr_embed.store.tables`
-(Arrow tables), :mod:`~cxr_embed.store.reader` (:class:`Store`), :mod:`~cxr_embed.store.writer`
-(:class:`StoreWriter`, :class:`StoreLock`), :mod:`~cxr_embed.store.rewrite` (new shard versions),
+(Arrow tables), :mod:`~cxr_embed.store.reader` (:class:`Store`), :mod:`~cxr_embed.store.lock`
+(:class:`StoreLock`), :mod:`~cxr_embed.store.writer` (:class:`StoreWriter`),
+:mod:`~cxr_embed.store.rewrite` (new shard versions),
 :mod:`~cxr_embed.store.erase` (delete, compact), :mod:`~cxr_embed.store.info`,
 :mod:`~cxr_embed.store.validate`, :mod:`~cxr_embed.store.migrate`, :mod:`~cxr_embed.store.model`.
 """
@@ -36,12 +37,13 @@ from cxr_embed.store.layout import (
     local_store_path,
     read_manifest,
 )
+from cxr_embed.store.lock import StoreLock
 from cxr_embed.store.migrate import MigrateResult, migrate_store
-from cxr_embed.store.model import load_store_model, store_model_dir
+from cxr_embed.store.model import load_store_model, recorded_model_dir, store_model_dir
 from cxr_embed.store.reader import Store
 from cxr_embed.store.tables import conform, embedding_matrix, metadata_table
 from cxr_embed.store.validate import Check, ValidationReport, validate_store
-from cxr_embed.store.writer import ReconcileResult, StoreLock, StoreWriter, build_store_from_arrays
+from cxr_embed.store.writer import ReconcileResult, StoreWriter, build_store_from_arrays
 
 __all__ = [
     "CACHE_DIR",
@@ -76,6 +78,7 @@ __all__ = [
     "metadata_table",
     "migrate_store",
     "read_manifest",
+    "recorded_model_dir",
     "shard_schema",
     "store_info",
     "store_model_dir",

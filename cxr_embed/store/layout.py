@@ -130,7 +130,37 @@ def stat_check(root: Path, entry: dict[str, Any], what: str) -> None:
     if not path.is_file():
         raise damaged(root, what, rel, "it is not a regular file")
     if st.st_size != entry["bytes"]:
-        raise damaged(root, what, rel, f"{st.st_size:,} bytes, store.json recorded {entry['bytes']:,}")
+        raise damaged(
+            root,
+            what,
+            rel,
+            f"{st.st_size:,} bytes, store.json recorded {entry['bytes']:,}: truncated, overwritten or modified outside cxr-embed",
+        )
+
+
+def read_checked(root: Path, entry: dict[str, Any], what: str, *, parquet: bool = True) -> bytes:
+    """The file's bytes after checking its size (and Parquet magic) against ``entry``; not hashed yet."""
+    stat_check(root, entry, what)
+    rel = entry["file"]
+    try:
+        data = (root / rel).read_bytes()
+    except OSError as exc:
+        raise damaged(root, what, rel, f"cannot be read: {exc.strerror}") from None
+    if len(data) != entry["bytes"]:
+        raise damaged(
+            root,
+            what,
+            rel,
+            f"{len(data):,} bytes, store.json recorded {entry['bytes']:,}: truncated, overwritten or modified outside cxr-embed",
+        )
+    if parquet and (data[:4] != PARQUET_MAGIC or data[-4:] != PARQUET_MAGIC):
+        raise damaged(root, what, rel, "not a Parquet file: its header or footer is missing")
+    return data
+
+
+def check_sha256(root: Path, entry: dict[str, Any], what: str, digest: str) -> None:
+    if digest != entry["sha256"]:
+        raise tampered(root, what, entry["file"])
 
 
 def read_verified(root: Path, entry: dict[str, Any], what: str, *, parquet: bool = True) -> bytes:
@@ -139,18 +169,8 @@ def read_verified(root: Path, entry: dict[str, Any], what: str, *, parquet: bool
     Hashing the bytes that are read anyway (instead of reading the file twice) is what keeps
     verification cheap: see ``benchmarks/store_checksums.py``.
     """
-    stat_check(root, entry, what)
-    rel = entry["file"]
-    try:
-        data = (root / rel).read_bytes()
-    except OSError as exc:
-        raise damaged(root, what, rel, f"cannot be read: {exc.strerror}") from None
-    if len(data) != entry["bytes"]:
-        raise damaged(root, what, rel, f"{len(data):,} bytes, store.json recorded {entry['bytes']:,}")
-    if parquet and (data[:4] != PARQUET_MAGIC or data[-4:] != PARQUET_MAGIC):
-        raise damaged(root, what, rel, "not a Parquet file: its header or footer is missing")
-    if sha256_bytes(data) != entry["sha256"]:
-        raise tampered(root, what, rel)
+    data = read_checked(root, entry, what, parquet=parquet)
+    check_sha256(root, entry, what, sha256_bytes(data))
     return data
 
 

@@ -24,7 +24,7 @@ from cxr_embed.store.layout import (
     entry_for_path,
     local_store_path,
 )
-from cxr_embed.store.writer import StoreLock
+from cxr_embed.store.lock import StoreLock
 
 
 @dataclass

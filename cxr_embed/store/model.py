@@ -54,3 +54,19 @@ def load_store_model(
         ) from None
     store.check_compatible(model.model_id, model.checkpoint_sha256, model.preprocessor.fingerprint())
     return model
+
+
+def recorded_model_dir(path: str | Path) -> str | None:
+    """The model folder a store at ``path`` recorded, if it still exists; None for a new or unreadable store.
+
+    Lets a rerun of ``cxr-embed index`` on an existing store find its model without ``--model-dir``
+    (a damaged store is then reported by the writer, with its own message).
+    """
+    from cxr_embed.errors import CxrEmbedError
+    from cxr_embed.store.layout import local_store_path, read_manifest
+
+    try:
+        recorded = read_manifest(local_store_path(path)).get("model_dir")
+    except (CxrEmbedError, OSError):
+        return None
+    return recorded if isinstance(recorded, str) and Path(recorded).is_dir() else None

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -34,12 +35,15 @@ from cxr_embed.store.layout import (
     MANIFEST,
     MANIFEST_LOCK,
     RESULTS_DIR,
+    check_sha256,
     damaged,
     file_entry,
     local_store_path,
     manifest_lock,
+    read_checked,
     read_manifest,
     read_verified,
+    sha256_bytes,
     stat_check,
     token,
 )
@@ -74,21 +78,39 @@ def _remember(path: Path, entry: dict[str, Any]) -> None:
     _VERIFIED[(str(path), st.st_size, st.st_mtime_ns)] = entry["sha256"]
 
 
+_HASHER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cxr-embed-sha256")
+"""hashlib and Parquet decoding both release the GIL: a shard's hash runs beside its parse."""
+
+
 def read_table_verified(
     root: Path, entry: dict[str, Any], what: str, columns: Sequence[str] | None = None
 ) -> pa.Table:
     """A Parquet store file, checksum-verified, parsed; StoreDamagedError naming it when it is not sound."""
     path = root / entry["file"]
-    try:
-        if _cached(path, entry):
+    if _cached(path, entry):
+        try:
             return pq.read_table(path, columns=list(columns) if columns is not None else None)
-        table = parse_parquet(read_verified(root, entry, what), columns)
+        except pa.ArrowException as exc:
+            raise damaged(
+                root, what, entry["file"], f"unreadable Parquet: {str(exc).splitlines()[0][:160]}"
+            ) from None
+    data = read_checked(root, entry, what)
+    digest = _HASHER.submit(sha256_bytes, data)
+    try:
+        table = parse_parquet(data, columns)
     except pa.ArrowException as exc:
+        check_sha256(root, entry, what, digest.result())  # a valid-looking file that was altered: say so
         raise damaged(
             root, what, entry["file"], f"unreadable Parquet: {str(exc).splitlines()[0][:160]}"
         ) from None
+    check_sha256(root, entry, what, digest.result())
     _remember(path, entry)
     return table
+
+
+def _removals(manifest: dict[str, Any]) -> int:
+    """How many row removals (delete, prune, repair) the store has seen: results computed before one are stale."""
+    return sum(1 for a in manifest.get("audit", []) if a.get("action") in ("delete", "prune", "repair"))
 
 
 class Store:
@@ -150,7 +172,11 @@ class Store:
     def shard_table(self, i: int, columns: Sequence[str] | None = None) -> pa.Table:
         """Shard ``i`` (verified), or just ``columns`` of it; StoreDamagedError when it is not sound."""
         shard = self.manifest["shards"][i]
-        table = read_table_verified(self.path, shard, "shard", columns)
+        try:
+            table = read_table_verified(self.path, shard, "shard", columns)
+        except StoreDamagedError:
+            self._raise_if_changed_since_open()
+            raise
         if table.num_rows != shard["rows"]:
             raise damaged(
                 self.path,
@@ -319,6 +345,12 @@ class Store:
         entry = file_entry(rel, payload)
         with manifest_lock(self.path):
             manifest = read_manifest(self.path)
+            if _removals(manifest) != _removals(self.manifest):
+                (self.path / rel).unlink(missing_ok=True)
+                raise StoreError(
+                    f"Rows of store {self.path} were removed (store delete, --prune or a repair) while this command "
+                    "ran, so its results could name erased images or stale row_ids; nothing was written. Run it again."
+                )
             manifest.setdefault("results", {}).setdefault(table, []).append(entry)
             write_json_atomic(manifest, self.path / MANIFEST)
         self.manifest.setdefault("results", {}).setdefault(table, []).append(entry)
@@ -347,7 +379,31 @@ class Store:
         return RESULT_SCHEMAS[table]
 
     def _result_entries(self, table: str) -> list[dict[str, Any]]:
+        """The table's recorded parts as of now: result tables grow while a Store is open (classify and
+        finetune append from other objects or processes), so the entries come from store.json on disk."""
+        try:
+            results = json.loads((self.path / MANIFEST).read_bytes()).get("results")
+        except (OSError, ValueError, AttributeError):
+            results = None
+        if isinstance(results, dict):
+            self.manifest["results"] = results
         return list((self.manifest.get("results") or {}).get(table, []))
+
+    def _raise_if_changed_since_open(self) -> None:
+        """A writer that committed a new version (delete, compact, metadata update) deletes the old
+        files: a reader holding the old manifest then finds one missing. Say that, not "damaged"."""
+        try:
+            current = read_manifest(self.path)
+        except StoreError:
+            return
+        if (
+            current.get("updated_at") != self.manifest.get("updated_at")
+            or current["shards"] != self.manifest["shards"]
+        ):
+            raise StoreError(
+                f"Store {self.path} was changed by another cxr-embed process while this command read it (a delete, "
+                "compact or index run committed a new version). Run the command again."
+            )
 
     def check_layout(self) -> None:
         """Shards contiguous over 0..N-1, counts agree, every recorded file present at its recorded size."""
@@ -405,8 +461,3 @@ class Store:
                 f"it holds {index.ntotal} vectors whose ids are not the row_ids 0..{n - 1}",
             )
         return index
-
-
-def load_manifest_json(root: Path) -> dict[str, Any]:
-    """store.json as raw JSON (no version check): for migration and validation of damaged stores."""
-    return json.loads((root / MANIFEST).read_bytes())

@@ -101,9 +101,9 @@ def validate_store(path: str | Path) -> ValidationReport:
     bad = 0
     for i, _shard in enumerate(shards):
         bad += not _check_shard(report, store, i, emb, ids)
-    report.add("shards", not bad, f"{len(shards)} shards, {bad} damaged", fix=REINDEX)
-    if bad:
+    if bad:  # one line per damaged shard above
         return report
+    report.add("shards", True, f"{len(shards)} shards, all match their checksums")
     report.add(
         "image_ids unique", len(set(ids)) == len(ids), f"{len(set(ids))} distinct of {len(ids)}", fix=RESTORE
     )
@@ -134,7 +134,7 @@ def _check_shard(report: ValidationReport, store: Store, i: int, emb: np.ndarray
         table = store.shard_table(i)
         matrix = embedding_matrix(table.column("embedding"), store.dim)
     except (StoreError, pa.ArrowException, ValueError, OSError) as exc:
-        return report.add(name, False, str(exc).split("; run `")[0], fix=REINDEX)
+        return report.add(name, False, str(exc).split("; run `")[0].removeprefix(f"{name} "), fix=REINDEX)
     start = shard["first_row_id"]
     row_ids = table.column("row_id").to_numpy()
     if not np.array_equal(row_ids, np.arange(start, start + len(row_ids))):
