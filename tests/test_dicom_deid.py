@@ -170,6 +170,7 @@ def test_phi_canary_end_to_end_through_the_cli(tmp_path: Path, monkeypatch: pyte
     assert_no_canary(store)
 
 
+@pytest.mark.slow
 def test_resume_with_another_key_is_refused(tmp_path: Path, tiny_model) -> None:
     src = tmp_path / "src"
     write_dicom(src / "a.dcm", 1)
