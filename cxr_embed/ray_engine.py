@@ -318,6 +318,8 @@ def run_index_ray(source: str | Path, store_dir: str | Path, config: IndexConfig
     listing = list_source(source, config.dataset, options=config.reader_options, link_file=config.link_file,
                           cache_dir=store_path / "cache", progress=progress)
     records, read_failures = listing.records, listing.failures
+    if any(r.frame is not None for r in records):  # Ray rows carry paths only: every frame would read frame 0
+        raise ConfigError("--frames all is not supported with --engine ray yet; use --frames first or --engine local.")
     if config.limit is not None:
         records = records[: config.limit]
     model = describe_model(config.model_dir)
