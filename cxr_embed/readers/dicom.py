@@ -277,7 +277,7 @@ def _label_rows(
         try:
             partial = record_from_row(row, chosen, uid or ref, str(base / rel), "dicom")
         except ValueError as exc:
-            failures.append(ReadFailure(uid or ref, ref, "csv", f"{csv_path.name} line {line_no}: {exc}"))
+            failures.append(ReadFailure(uid or ref, ref, "csv", f"label CSV line {line_no}: {exc}"))
             continue
         keyed[ref] = partial
         if uid is not None:
