@@ -139,7 +139,8 @@ def list_dicom(
     kept: list[tuple[Path, str, HeaderEntry]] = []
     for path, ref, entry in zip(files, refs, entries, strict=True):
         if entry.kind == "not_dicom" and path.suffix.lower() not in PLAIN_IMAGE_SUFFIXES:
-            continue  # not an image at all (a README, an XML manifest): not an input, like in the folder reader
+            del out.links[ref]  # not an image at all (a README, an XML manifest): not an input, as in folders
+            continue
         if entry.kind != "image":
             stage = "not_dicom" if entry.kind == "not_dicom" else "dicom"
             out.failures.append(ReadFailure(entry.uid or ref, ref, stage, entry.reason or entry.kind))
