@@ -100,6 +100,19 @@ def list_source(
                    headers_cached=found.stats.cached)  # fmt: skip
 
 
+def accounting(listed: int, stored: int, failures_by_stage: dict[str, int]) -> dict[str, Any]:
+    """A run's ``listed = stored + failed + skipped(reason)`` (what a summary states; see :data:`SKIP_STAGES`).
+
+    ``listed``: :attr:`Listing.listed`; ``stored``: listed inputs the store holds after the run
+    (already stored + embedded); ``failures_by_stage``: every failure of the run, listing included.
+    ``balanced`` is False when an input went missing, which must never happen.
+    """
+    skipped = {stage: n for stage, n in sorted(failures_by_stage.items()) if stage in SKIP_STAGES}
+    failed = sum(n for stage, n in failures_by_stage.items() if stage not in SKIP_STAGES)
+    balanced = listed == stored + failed + sum(skipped.values())
+    return {"listed": listed, "stored": stored, "failed": failed, "skipped": skipped, "balanced": balanced}
+
+
 def failure_for(record: ImageRecord, stage: str, reason: str) -> ReadFailure:
     """A failure of ``record`` after listing (decode, preprocess, encode) that names no real path.
 

@@ -16,7 +16,7 @@ from PIL import Image
 
 from cxr_embed.errors import ConfigError
 from cxr_embed.job import IndexConfig, run_index
-from cxr_embed.listing import list_source, read_link_file
+from cxr_embed.listing import accounting, list_source, read_link_file
 from cxr_embed.readers import read_dataset
 from cxr_embed.store import Store
 
@@ -42,9 +42,12 @@ def _odd_entries(root: Path, outside: Path, suffix: str, make) -> None:
     make(Path(os.fsdecode(os.fsencode(root) + b"/latin1-\xe9t\xe9" + suffix.encode())), 91)
 
 
-def _check_accounting(store_dir: Path, listed: int) -> Store:
+def _check_accounting(store_dir: Path, listed: int, summary) -> Store:
+    """``listed = stored + failed + skipped`` in the run's summary and in the store's files."""
     store = Store.open(store_dir)
-    assert len(store) + store.errors().num_rows == listed  # listed = stored + failed + skipped
+    assert len(store) + store.errors().num_rows == listed
+    stored = summary.already_stored + summary.embedded
+    assert accounting(listed, stored, summary.failures_by_stage)["balanced"], summary.failures_by_stage
     return store
 
 
@@ -62,7 +65,7 @@ def test_folder_with_odd_entries_indexes_the_good_images(tmp_path: Path, tiny_mo
         src, tmp_path / "store", IndexConfig(device="cpu", workers=0), progress=False, model=tiny_model
     )
     assert summary.embedded == 3
-    store = _check_accounting(tmp_path / "store", listing.listed)
+    store = _check_accounting(tmp_path / "store", listing.listed, summary)
     assert "latin1-\\xe9t\\xe9.png" in store.errors().column("image_id").to_pylist()
 
     followed = read_dataset(src, "folder", follow_symlinks=True, errors=(errors := []))
@@ -84,7 +87,7 @@ def test_dicom_folder_with_odd_entries_keeps_odd_names_losslessly(tmp_path: Path
     listing = list_source(src, "dicom", options={"key_file": str(key)})
     summary = run_index(src, tmp_path / "store", config, progress=False, model=tiny_model)
     assert summary.embedded == 3  # the non-UTF-8 name is stored as its keyed reference
-    _check_accounting(tmp_path / "store", listing.listed)
+    _check_accounting(tmp_path / "store", listing.listed, summary)
     mapped = {os.fsencode(p) for p in read_link_file(links).values()}
     assert os.fsencode(src) + b"/latin1-\xe9t\xe9.dcm" in mapped
 
@@ -122,7 +125,7 @@ def test_duplicate_csv_rows_are_recorded(tmp_path: Path, tiny_model) -> None:
         src, tmp_path / "store", IndexConfig(device="cpu", workers=0), progress=False, model=tiny_model
     )
     assert (summary.already_stored, summary.embedded) == (0, 2)  # a new store stores what it lists
-    _check_accounting(tmp_path / "store", listing.listed)
+    _check_accounting(tmp_path / "store", listing.listed, summary)
 
 
 def test_chestxray14_folder_records_fifos_and_undecodable_names(synth_cxr14: Path, tmp_path: Path) -> None:
@@ -137,3 +140,14 @@ def test_chestxray14_folder_records_fifos_and_undecodable_names(synth_cxr14: Pat
     records = read_dataset(root, errors=errors)
     assert len(records) == 40 and sorted(f.stage for f in errors) == ["file_name", "special_file"]
     assert all(f.image_id.encode("utf-8") and f.path.encode("utf-8") for f in errors)
+
+
+def test_accounting_notices_a_lost_input() -> None:
+    assert accounting(5, 2, {"decode": 1, "out_of_scope": 2}) == {
+        "listed": 5,
+        "stored": 2,
+        "failed": 1,
+        "skipped": {"out_of_scope": 2},
+        "balanced": True,
+    }
+    assert not accounting(5, 2, {"decode": 1})["balanced"]

@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 
 from cxr_embed.errors import ConfigError, StoreIdentityError
 from cxr_embed.job import IndexConfig, run_index
-from cxr_embed.listing import list_source, read_link_file
+from cxr_embed.listing import accounting, list_source, read_link_file
 from cxr_embed.model import tiny_model_dir
 from cxr_embed.readers import read_dataset
 from cxr_embed.readers.deid import stretch
@@ -147,6 +147,10 @@ def test_phi_canary_end_to_end_through_the_cli(tmp_path: Path, monkeypatch: pyte
         sorted(e["stage"] for e in errors) == ["decode"] + ["out_of_scope"] * 4
     )  # decode: named by reference
     assert len(opened) + len(errors) == len(files)  # listed = stored + failed + skipped
+    balance = accounting(
+        len(files), summary["already_stored"] + summary["embedded"], summary["failures_by_stage"]
+    )
+    assert balance["balanced"] and balance["skipped"] == {"out_of_scope": 4} and balance["failed"] == 1
     assert {p.resolve() for p in read_link_file(links).values()} == {p.resolve() for p in files.values()}
     assert stat.S_IMODE(links.stat().st_mode) == 0o600
     assert json.loads((store / "store.json").read_text())["identity"]["id_key_fingerprint"]
@@ -166,6 +170,7 @@ def test_phi_canary_end_to_end_through_the_cli(tmp_path: Path, monkeypatch: pyte
     assert_no_canary(store)
 
 
+@pytest.mark.slow
 def test_resume_with_another_key_is_refused(tmp_path: Path, tiny_model) -> None:
     src = tmp_path / "src"
     write_dicom(src / "a.dcm", 1)

@@ -139,7 +139,8 @@ def list_dicom(
     kept: list[tuple[Path, str, HeaderEntry]] = []
     for path, ref, entry in zip(files, refs, entries, strict=True):
         if entry.kind == "not_dicom" and path.suffix.lower() not in PLAIN_IMAGE_SUFFIXES:
-            continue  # not an image at all (a README, an XML manifest): not an input, like in the folder reader
+            del out.links[ref]  # not an image at all (a README, an XML manifest): not an input, as in folders
+            continue
         if entry.kind != "image":
             stage = "not_dicom" if entry.kind == "not_dicom" else "dicom"
             out.failures.append(ReadFailure(entry.uid or ref, ref, stage, entry.reason or entry.kind))
@@ -277,7 +278,7 @@ def _label_rows(
         try:
             partial = record_from_row(row, chosen, uid or ref, str(base / rel), "dicom")
         except ValueError as exc:
-            failures.append(ReadFailure(uid or ref, ref, "csv", f"{csv_path.name} line {line_no}: {exc}"))
+            failures.append(ReadFailure(uid or ref, ref, "csv", f"label CSV line {line_no}: {exc}"))
             continue
         keyed[ref] = partial
         if uid is not None:

@@ -95,6 +95,10 @@ def _classify(entry: os.DirEntry, base: Path, follow: bool) -> str | Skipped:
         if stat.S_ISDIR(mode) and not follow:
             return Skipped(path, "symlink", "symlinked folder: not followed, so no file is listed twice (pass "
                                             "--follow-symlinks to follow it)")  # fmt: skip
+    elif entry.is_dir(follow_symlinks=False):  # d_type from the directory listing: no stat per file
+        return "dir"
+    elif entry.is_file(follow_symlinks=False):
+        return "file"
     else:
         mode = entry.stat(follow_symlinks=False).st_mode
     if stat.S_ISDIR(mode):

@@ -533,7 +533,7 @@ def build_store_from_arrays(
 def _check_source_identity(store: Store, identity: dict[str, str]) -> None:
     """Refuse a resume/append whose source identity (e.g. de-identification key) differs from the store's."""
     recorded = store.manifest.get("identity") or {}
-    if recorded == identity or (not identity and not recorded):
+    if recorded == identity:
         return
     if "id_key_fingerprint" in recorded or "id_key_fingerprint" in identity:
         raise StoreIdentityError.for_key(store.path, recorded.get("id_key_fingerprint"), identity.get("id_key_fingerprint"))
