@@ -10,6 +10,7 @@ nothing else. Modes other than L/LA/RGB are first brought to L/RGB by the docume
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from dataclasses import asdict, dataclass
@@ -40,7 +41,9 @@ class Preprocessor:
 
     def __post_init__(self) -> None:
         if self.interpolation not in _INTERPOLATIONS:
-            raise ValueError(f"interpolation must be one of {sorted(_INTERPOLATIONS)}, got {self.interpolation!r}")
+            raise ValueError(
+                f"interpolation must be one of {sorted(_INTERPOLATIONS)}, got {self.interpolation!r}"
+            )
 
     def resize(self, img: Image.Image) -> np.ndarray:
         """The uint8 (S, S, 3) array after the mode policy and the Pillow resize."""
@@ -70,8 +73,7 @@ class Preprocessor:
         a batch normalised at once on CPU is bitwise equal to images normalised one by one.
         """
         x = pixels.float().div(255)
-        mean = torch.tensor(self.mean, dtype=torch.float32, device=x.device)[:, None, None]
-        std = torch.tensor(self.std, dtype=torch.float32, device=x.device)[:, None, None]
+        mean, std = _mean_std(self.mean, self.std, x.device)
         return x.sub_(mean).div_(std)
 
     def __call__(self, img: Image.Image) -> torch.Tensor:
@@ -81,6 +83,25 @@ class Preprocessor:
         """Stable hash of the settings and both pixel policies (decode + resize); stores refuse to mix them."""
         from cxr_embed.imageio import POLICY_VERSION as DECODE_POLICY_VERSION
 
-        payload = json.dumps({**asdict(self), "policy_version": POLICY_VERSION,
-                              "decode_policy_version": DECODE_POLICY_VERSION}, sort_keys=True)
+        payload = json.dumps(
+            {
+                **asdict(self),
+                "policy_version": POLICY_VERSION,
+                "decode_policy_version": DECODE_POLICY_VERSION,
+            },
+            sort_keys=True,
+        )
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+@functools.lru_cache(maxsize=16)
+def _mean_std(
+    mean: tuple[float, ...], std: tuple[float, ...], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(3, 1, 1) float32 mean and std on ``device``, made once: a fresh host→device copy per batch would
+    wait for the GPU's queued work and stall the pipeline."""
+    with torch.inference_mode(False):  # ordinary tensors, usable inside and outside inference mode
+        return (
+            torch.tensor(mean, dtype=torch.float32, device=device)[:, None, None],
+            torch.tensor(std, dtype=torch.float32, device=device)[:, None, None],
+        )
