@@ -37,8 +37,7 @@ from cxr_embed.results import (
 ARM = "frozen"
 #: Re-exported for code that imported them from here before the split (``predict`` loads saved models into them).
 __all__ = ["ARM", "Calibrator", "ClassifyConfig", "ClassifyRun", "FittedModel", "ModelResult", "classify_store",
-           "ImagePrediction", "load_model", "model_name", "predict_images", "result_metrics_tables", "save_model",
-           "targets_for"]
+           "model_name", "result_metrics_tables", "targets_for"]
 
 
 @dataclass

@@ -40,6 +40,7 @@ import numpy as np
 from cxr_embed import errors
 from cxr_embed.decode import decode_image
 from cxr_embed.errors import ConfigError, CxrEmbedError, DependencyError, StoreMismatchError
+from cxr_embed.listing import failure_for
 from cxr_embed.pipeline import EmbeddedBatch, IndexConfig, IndexSummary, ModelIdentity, run_job
 from cxr_embed.records import ImageRecord, ReadFailure
 
