@@ -62,6 +62,8 @@ _FLOAT_DIGITS = 4
 _LIST_SHOWN = 3
 _TEXT_MIN_WIDTH = 12
 _TEXT_MAX_WIDTH = 60
+_HEADER_MIN_WIDTH = 10
+_GAP = 3  # SIMPLE_HEAD without edges: pad, divider, pad between columns
 
 
 @dataclass(frozen=True)
@@ -393,52 +395,58 @@ def _print_table(
     from rich.table import Table
     from rich.text import Text
 
-    natural = [max([len(n)] + [len(r[i]) for r in cells]) for i, n in enumerate(names)]
+    widest = [max([len(r[i]) for r in cells], default=0) for i in range(len(names))]
+    least = [
+        max(w, min(len(n), _HEADER_MIN_WIDTH), 1) if num else max(min(max(w, len(n)), _TEXT_MIN_WIDTH), 1)
+        for n, w, num in zip(names, widest, numeric, strict=True)
+    ]
+    most = [max(w, len(n), 1) if wide else max(min(max(w, len(n)), _TEXT_MAX_WIDTH), lo)
+            for n, w, lo in zip(names, widest, least, strict=True)]  # fmt: skip
     width = shutil.get_terminal_size((120, 24)).columns
     if wide:
-        width = max(width, sum(natural) + 3 * len(names) + 1)
-    keep = _fitting_columns(names, numeric, cells, natural, width)
+        width = max(width, sum(most) + _GAP * (len(names) - 1))
+    widths = _layout(least, most, width)
+    keep = list(widths)
     if len(keep) < len(names):
-        dropped = [names[i] for i in range(len(names)) if i not in keep]
+        dropped = [names[i] for i in range(len(names)) if i not in widths]
         _note(
             f"{len(dropped)} column(s) left out to fit {width} columns ({', '.join(dropped)}): use --wide, "
             "or --format tsv/json/…"
         )
     table = Table(title=Text(title) if title else None, box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
     for i in keep:
-        if numeric[i]:
-            cell_width = max([len(r[i]) for r in cells], default=1)
-            table.add_column(
-                Text(names[i]), justify="right", no_wrap=True, min_width=cell_width, overflow="fold"
-            )
-        else:
-            table.add_column(Text(names[i]), overflow="fold", min_width=min(natural[i], _TEXT_MIN_WIDTH))
+        table.add_column(
+            Text(names[i]), justify="right" if numeric[i] else "left", width=widths[i], overflow="fold"
+        )
     for row in cells:
         table.add_row(*[Text(row[i]) for i in keep])
     Console(width=width, soft_wrap=False, highlight=False, markup=False, emoji=False).print(table)
 
 
-def _fitting_columns(
-    names: Sequence[str],
-    numeric: Sequence[bool],
-    cells: Sequence[Sequence[str]],
-    natural: Sequence[int],
-    width: int,
-) -> list[int]:
-    """Columns in order while their minimum widths (numbers whole, text ≥ 12 or its own width) fit ``width``."""
-    keep: list[int] = []
+def _layout(least: Sequence[int], most: Sequence[int], width: int) -> dict[int, int]:
+    """Column index → width: columns in order while their least widths fit (numbers whole, text folded
+    to ≥ 12), then the spare width goes to the kept columns up to their natural width, the columns that
+    need least first (so short ids and headers are whole), the rest shared evenly."""
+    widths: dict[int, int] = {}
     used = 0
-    for i in range(len(names)):
-        if numeric[i]:
-            need = max([len(r[i]) for r in cells], default=1)
-        else:
-            need = min(natural[i], _TEXT_MIN_WIDTH)
-        extra = need + (2 if keep else 0)  # SIMPLE_HEAD: two spaces between columns, no edges
-        if keep and used + extra > width:
+    for i, lo in enumerate(least):
+        extra = lo + (_GAP if widths else 0)
+        if widths and used + extra > width:
             break
-        keep.append(i)
+        widths[i] = lo
         used += extra
-    return keep
+    spare = width - used
+    for i in sorted(widths, key=lambda i: most[i] - widths[i]):  # whole columns first: fewest lines
+        if 0 < most[i] - widths[i] <= spare:
+            spare -= most[i] - widths[i]
+            widths[i] = most[i]
+    while spare > 0 and (growable := [i for i in widths if widths[i] < most[i]]):
+        share = max(1, spare // len(growable))
+        for i in growable:
+            step = min(share, most[i] - widths[i], spare)
+            widths[i] += step
+            spare -= step
+    return widths
 
 
 # ---------------------------------------------------------------------------------------------- summary
