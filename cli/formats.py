@@ -61,7 +61,6 @@ BATCH_ROWS = 8192
 _FLOAT_DIGITS = 4
 _LIST_SHOWN = 3
 _TEXT_MIN_WIDTH = 12
-_TEXT_MAX_WIDTH = 60
 _HEADER_MIN_WIDTH = 10
 _GAP = 3  # SIMPLE_HEAD without edges: pad, divider, pad between columns
 
@@ -400,8 +399,7 @@ def _print_table(
         max(w, min(len(n), _HEADER_MIN_WIDTH), 1) if num else max(min(max(w, len(n)), _TEXT_MIN_WIDTH), 1)
         for n, w, num in zip(names, widest, numeric, strict=True)
     ]
-    most = [max(w, len(n), 1) if wide else max(min(max(w, len(n)), _TEXT_MAX_WIDTH), lo)
-            for n, w, lo in zip(names, widest, least, strict=True)]  # fmt: skip
+    most = [max(w, len(n), 1) for n, w in zip(names, widest, strict=True)]
     width = shutil.get_terminal_size((120, 24)).columns
     if wide:
         width = max(width, sum(most) + _GAP * (len(names) - 1))
