@@ -24,6 +24,13 @@ from rich.progress import (
 from rich.progress import Progress as _RichProgress
 
 stderr_console = Console(stderr=True)
+_silenced = False
+
+
+def silence() -> None:
+    """Turn every progress bar of this process off (``cxr-embed --quiet``)."""
+    global _silenced
+    _silenced = True
 
 
 @dataclass
@@ -57,7 +64,7 @@ def progress_bar(total: int | None, description: str, enabled: bool = True) -> I
     A bar is never drawn into a pipe or log file (where it would be one stale line per run), but it is
     drawn with ``--json``: results go to stdout, so the bar on a terminal's stderr does not mix with them.
     """
-    if not enabled or not _is_terminal(sys.stderr):
+    if not enabled or _silenced or not _is_terminal(sys.stderr):
         yield Progress()
         return
     bar = _RichProgress(
