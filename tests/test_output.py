@@ -11,8 +11,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from cxr_embed_cli.formats import OutputSpec, emit_record, emit_rows, format_float, resolve_output
+from cxr_embed_cli.main import app
+from typer.testing import CliRunner
 
 from cxr_embed.errors import ConfigError
+from cxr_embed.sql import run_query
 
 ROWS = [
     {"image_id": "a[/x]b.png", "n": 200, "p": 0.69812345, "age": 50.0, "big": 1234567.25, "emb": [0.5] * 8},
@@ -150,3 +153,98 @@ def test_summary_record(capsys, tmp_path) -> None:
     ]  # fmt: skip
     emit_record(obj, pairs, OutputSpec("table"), title="store")
     assert "[/x]" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------ every command's output, as users see it
+
+runner = CliRunner()
+
+
+def _numeric_cells_cut(table_text: str) -> list[str]:
+    """Cells that look like a number and contain the ellipsis a cut column shows."""
+    return [c for c in table_text.split() if "…" in c and NUMBER.match(c.replace("…", "0"))]
+
+
+@pytest.mark.parametrize("columns", ["80", "120"])
+def test_no_command_table_cuts_a_number(search_store, monkeypatch, columns) -> None:
+    monkeypatch.setenv("COLUMNS", columns)
+    store = ["--store", str(search_store.path)]
+    commands = [
+        ["sql", *store, "SELECT row_id, image_id, age, label, age / 7 AS ratio, 1e9 + row_id * 0.123456 AS big, "
+         "patient_id, view, sex, split, path FROM images LIMIT 20"],
+        ["sql", *store, "SELECT * FROM neighbors('00000003_004.png', 5)"],
+        ["search", *store, "--id", "00000003_004.png", "-k", "5"],
+        ["store", "info", *store],
+        ["store", "validate", *store],
+    ]  # fmt: skip
+    for args in commands:
+        result = runner.invoke(app, [*args, "--format", "table"])
+        assert result.exit_code == 0, (args, result.output)
+        assert all(len(line) <= int(columns) for line in result.stdout.splitlines()), args
+        assert _numeric_cells_cut(result.stdout) == [], args
+
+
+def test_piped_output_is_tsv_and_markup_is_text(search_store) -> None:
+    store = ["--store", str(search_store.path)]
+    result = runner.invoke(app, ["sql", *store, "SELECT '[/x]' AS v, '[bold]b[/bold]' AS w"])
+    assert result.exit_code == 0 and result.stdout == "v\tw\n[/x]\t[bold]b[/bold]\n", result.output
+    table = runner.invoke(app, ["sql", *store, "SELECT '[/x]' AS v", "--format", "table"])
+    assert table.exit_code == 0 and "[/x]" in table.stdout, table.output
+    error = runner.invoke(app, ["sql", *store, 'SELECT * FROM "[/x]"'])
+    assert error.exit_code == 1 and error.stderr.startswith("Error:") and "[/x]" in error.stderr
+    assert "Traceback" not in error.output
+
+
+@pytest.mark.parametrize("fmt", ["csv", "tsv", "json", "jsonl", "parquet"])
+def test_sql_and_search_formats_round_trip(search_store, tmp_path, fmt) -> None:
+    store = ["--store", str(search_store.path)]
+    expect = run_query(
+        search_store, "SELECT row_id, image_id, age, label FROM images ORDER BY row_id LIMIT 7"
+    )
+    out = tmp_path / f"r.{fmt}"
+    result = runner.invoke(
+        app,
+        [
+            "sql",
+            *store,
+            "SELECT row_id, image_id, age, label FROM images ORDER BY row_id LIMIT 7",
+            "--out",
+            str(out),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    back = _read_back(out, fmt)
+    if fmt in ("csv", "tsv"):  # text: convert back with the expected column types
+        back = [
+            {k: type(want[k])(v) for k, v in row.items()}
+            for row, want in zip(back, expect.to_pylist(), strict=True)
+        ]
+    assert back == expect.to_pylist()
+    hits = tmp_path / f"hits.{fmt}"
+    result = runner.invoke(app, ["search", *store, "--id", "00000003_004.png", "-k", "3", "--out", str(hits)])
+    assert result.exit_code == 0, result.output
+    rows = _read_back(hits, fmt)
+    if fmt == "json":
+        rows = rows["neighbors"]
+    assert [int(r["rank"]) for r in rows] == [1, 2, 3] and rows[0]["image_id"] == "00000003_004.png"
+
+
+def _read_back(path, fmt):
+    if fmt == "parquet":
+        return pq.read_table(path).to_pylist()
+    if fmt == "json":
+        return json.loads(path.read_text())
+    if fmt == "jsonl":
+        return [json.loads(line) for line in path.read_text().splitlines()]
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f, delimiter="\t" if fmt == "tsv" else ","))
+
+
+def test_version_and_exit_codes_in_help() -> None:
+    from cxr_embed import __version__
+
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0 and result.stdout.strip() == f"cxr-embed {__version__}"
+    for args in (["--help"], ["index", "--help"], ["encode", "--help"]):
+        text = " ".join(runner.invoke(app, args).stdout.split())
+        assert "2 partial" in text, args
