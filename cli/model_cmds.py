@@ -17,14 +17,11 @@ from cxr_embed_cli.output import (
     OutOpt,
     PrecisionOpt,
     WideOpt,
-    emit_json,
     emit_record,
     emit_rows,
     handle_errors,
     info,
-    print_table,
     resolve_output,
-    stdout,
     warn,
 )
 
@@ -49,7 +46,10 @@ def pull_cmd(
         str | None,
         typer.Option("--endpoint", help="Hugging Face endpoint or mirror URL (default: huggingface.co)."),
     ] = None,
+    fmt: FormatOpt = None,
+    out: OutOpt = None,
     json_out: JsonOpt = False,
+    wide: WideOpt = False,
 ) -> None:
     """Download the official MedImageInsight files (2.5 GB) and verify their size and sha256.
 
@@ -57,24 +57,24 @@ def pull_cmd(
     correct are kept, so on a machine without network you can copy the folder by hand and run this
     to verify it.
     """
+    spec = resolve_output(fmt, out, as_json=json_out, wide=wide)
     from cxr_embed.model.hub import pull
 
     result = pull(revision=revision, dest=dest, endpoint=endpoint)
-    if json_out:
-        emit_json(result)
+    if spec.fmt == "json":
+        emit_record(result, [], spec)
         return
     rows = [
         {
             "file": str(f.path.relative_to(result.model_dir)),
-            "bytes": f"{f.size:,}",
+            "bytes": f.size,
             "sha256": f.sha256,
             "action": "downloaded" if f.downloaded else "verified",
         }
         for f in result.files
     ]
-    print_table(rows, title="MedImageInsight v1.0.0")
-    info("All files verified. Later commands find this folder automatically.")
-    stdout.print(str(result.model_dir), highlight=False)
+    emit_rows(rows, spec, title="MedImageInsight v1.0.0")
+    info(f"All files verified. Later commands find this folder automatically: {result.model_dir}")
 
 
 @model_app.command("info")

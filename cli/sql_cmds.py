@@ -89,7 +89,7 @@ def _run(con: Any, query: str, spec: OutputSpec, timeout: float, max_rows: int |
 
 
 def _interactive(store: Any, spec: OutputSpec, timeout: float, max_rows: int | None) -> None:
-    """Prompt loop: each error is reported and the prompt continues."""
+    """Prompt loop: each error (or Ctrl-C during a query) is reported and the prompt continues."""
     from cxr_embed import sql as sqllib
     from cxr_embed.errors import CxrEmbedError
 
@@ -106,6 +106,8 @@ def _interactive(store: Any, spec: OutputSpec, timeout: float, max_rows: int | N
                 _run(con, statement, spec, timeout, max_rows)
             except CxrEmbedError as exc:
                 error(str(exc))
+            except KeyboardInterrupt:  # Ctrl-C stops the running query, not the session
+                stderr.print("Interrupted.")
     finally:
         con.close()
         if history is not None:
