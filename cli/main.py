@@ -15,7 +15,7 @@ from cxr_embed_cli import (
     sql_cmds,
     synth_cmds,
 )
-from cxr_embed_cli.output import EXIT_CODES_HELP
+from cxr_embed_cli.output import EXIT_CODES_HELP, one_line_warnings
 
 app = typer.Typer(
     name="cxr-embed",
@@ -51,6 +51,7 @@ def main(
     ] = False,
 ) -> None:
     """MedImageInsight embeddings for chest X-rays."""
+    one_line_warnings()
     if quiet:
         from cxr_embed.progress import silence
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import json
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -58,6 +59,7 @@ __all__ = [
     "print_table",
     "resolve_output",
     "to_jsonable",
+    "one_line_warnings",
     "warn",
 ]
 
@@ -134,6 +136,18 @@ def handle_errors(fn: F) -> F:
 def error(message: str) -> None:
     """``Error: message`` on stderr; the message is plain text (a file name like ``[/x]`` is not markup)."""
     stderr.print(Text.assemble(("Error:", "bold red"), " ", message))
+
+
+def one_line_warnings() -> None:
+    """Show every Python warning as one ``Warning: … (Category)`` line, without source lines or paths.
+
+    Warnings a command already handles are filtered where they arise; this only shapes the rest.
+    """
+
+    def show(message: Warning | str, category: type[Warning], *_: Any, **__: Any) -> None:
+        warn(f"{message} ({category.__name__})")
+
+    warnings.showwarning = show  # type: ignore[assignment]
 
 
 def warn(message: str) -> None:

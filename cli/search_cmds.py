@@ -116,12 +116,22 @@ def search(
     if spec.fmt == "json":
         emit_record(result, [], spec)
         return
-    rows = [
-        {**{c: getattr(n, c) for c in _FILE_COLUMNS}, "findings": ", ".join(n.findings or ())}
-        for n in result.neighbors
-    ]
+    import pyarrow as pa
+
+    rows = pa.Table.from_pylist(
+        [
+            {**{c: getattr(n, c) for c in _FILE_COLUMNS}, "findings": ", ".join(n.findings or ())}
+            for n in result.neighbors
+        ]
+    )
+    if not rows.num_rows:  # nothing matched --where: still the same columns
+        rows = pa.table({c: pa.array([], pa.string()) for c in _FILE_COLUMNS})
+    else:  # similarities are float32: print them as such (0.9839, not 0.98390001…)
+        rows = rows.set_column(
+            rows.schema.get_field_index("similarity"), "similarity", rows["similarity"].cast(pa.float32())
+        )
     if spec.fmt == "table":
-        emit_rows(rows, spec, columns=_COLUMNS, title=f"{len(rows)} neighbours of {result.query}")
+        emit_rows(rows, spec, columns=_COLUMNS, title=f"{rows.num_rows} neighbours of {result.query}")
         typer.echo(f"kNN-vote probability of abnormal: {prob}")
     else:
         emit_rows(rows, spec, columns=_FILE_COLUMNS)

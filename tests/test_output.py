@@ -248,3 +248,23 @@ def test_version_and_exit_codes_in_help() -> None:
     for args in (["--help"], ["index", "--help"], ["encode", "--help"]):
         text = " ".join(runner.invoke(app, args).stdout.split())
         assert "2 partial" in text, args
+
+
+def test_library_warnings_are_one_line(capsys) -> None:
+    import warnings
+
+    from cxr_embed_cli.output import one_line_warnings
+
+    saved = warnings.showwarning
+    try:
+        one_line_warnings()
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            warnings.warn(
+                "The least populated class has 2 members,\n  less than n_splits=5.", UserWarning, stacklevel=1
+            )
+    finally:
+        warnings.showwarning = saved
+    assert capsys.readouterr().err == (
+        "Warning: The least populated class has 2 members, less than n_splits=5. (UserWarning)\n"
+    )

@@ -36,6 +36,9 @@ def test_search_by_id_json(search_store) -> None:
     assert [n["rank"] for n in doc["neighbors"]] == [1, 2, 3, 4]
     assert all(n["patient_id"] != "00000003" and n["sex"] == "M" for n in doc["neighbors"])
     assert 0.0 <= doc["probability_abnormal"] <= 1.0 and doc["excluded_patient"] == "00000003"
+    none = runner.invoke(app, ["search", "--store", str(search_store.path), "--id", "00000003_004.png",
+                               "--where", "age > 1000"])  # fmt: skip
+    assert none.exit_code == 0 and none.stdout.startswith("rank\tsimilarity\t"), none.output
 
 
 @pytest.mark.slow  # one tiny-model forward
@@ -53,10 +56,17 @@ def test_search_by_image_table(tiny_store) -> None:
             "3",
             "--model-dir",
             str(tiny_model_dir()),
+            "--device",
+            "cpu",
+            "--precision",
+            "fp32",
+            "--format",
+            "table",
         ],
     )
     assert result.exit_code == 0, result.output
     assert row["image_id"] in result.stdout and "kNN-vote probability of abnormal:" in result.stdout
+    assert "Warning" not in result.stderr and "warn" not in result.stderr.lower()  # library warnings handled
 
 
 def test_search_errors_are_one_line_messages(search_store, tiny_store) -> None:
