@@ -6,6 +6,7 @@ import csv
 import io
 import json
 import re
+import sys
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -268,3 +269,24 @@ def test_library_warnings_are_one_line(capsys) -> None:
     assert capsys.readouterr().err == (
         "Warning: The least populated class has 2 members, less than n_splits=5. (UserWarning)\n"
     )
+
+
+def test_progress_bars_only_on_a_terminal_and_never_when_quiet(monkeypatch) -> None:
+    import io
+
+    from cxr_embed import progress
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    monkeypatch.setattr(progress, "_silenced", False)
+    monkeypatch.setattr(sys, "stderr", io.StringIO())  # a pipe or log file: no bar
+    with progress.progress_bar(3, "Embedding") as bar:
+        assert bar._bar is None
+    monkeypatch.setattr(sys, "stderr", Terminal())  # a terminal: a bar, --json or not
+    with progress.progress_bar(3, "Embedding") as bar:
+        assert bar._bar is not None
+    progress.silence()  # cxr-embed --quiet
+    with progress.progress_bar(3, "Embedding") as bar:
+        assert bar._bar is None
