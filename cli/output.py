@@ -65,8 +65,10 @@ __all__ = [
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-stdout = Console(soft_wrap=True, markup=False, highlight=False, emoji=False)
-stderr = Console(stderr=True, soft_wrap=True, markup=False, highlight=False, emoji=False)
+stdout = Console(soft_wrap=True)
+stderr = Console(stderr=True, soft_wrap=True)
+"""Consoles for command modules' own lines. Text that comes from data, files or exceptions goes through
+``error``/``warn``/``info``/``emit_*``, which never interpret it as markup."""
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -127,7 +129,7 @@ def handle_errors(fn: F) -> F:
             error(str(exc))
             raise typer.Exit(EXIT_ERROR) from None
         except KeyboardInterrupt:
-            stderr.print("Interrupted.")
+            info("Interrupted.")
             raise typer.Exit(EXIT_INTERRUPTED) from None
 
     return wrapper  # type: ignore[return-value]
@@ -175,4 +177,4 @@ def print_fields(pairs: Sequence[tuple[str, Any]], title: str | None = None) -> 
 
 def info(message: str) -> None:
     """A log line on stderr (plain text, never markup)."""
-    stderr.print(message)
+    stderr.print(message, markup=False, highlight=False, emoji=False)

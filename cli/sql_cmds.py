@@ -17,8 +17,8 @@ from cxr_embed_cli.output import (
     emit_rows,
     error,
     handle_errors,
+    info,
     resolve_output,
-    stderr,
 )
 
 HISTORY_FILE = Path.home() / ".cxr_embed_sql_history"
@@ -95,7 +95,7 @@ def _interactive(store: Any, spec: OutputSpec, timeout: float, max_rows: int | N
 
     history = _enable_history()
     con = sqllib.connect_readonly(store)
-    stderr.print(
+    info(
         f"SQL over {store.path} (views: {', '.join(sqllib.VIEWS)}; neighbors(image_id, k)). "
         "End with ';', .quit to exit."
     )
@@ -107,7 +107,7 @@ def _interactive(store: Any, spec: OutputSpec, timeout: float, max_rows: int | N
             except CxrEmbedError as exc:
                 error(str(exc))
             except KeyboardInterrupt:  # Ctrl-C stops the running query, not the session
-                stderr.print("Interrupted.")
+                info("Interrupted.")
     finally:
         con.close()
         if history is not None:
