@@ -120,10 +120,15 @@ def run_notebook(
     # Quiet and local: the kernel talks over unix sockets in a private folder (no TCP port, so no
     # "running over TCP without encryption" warning), and its own log lines ([IPKernelApp] WARNING …)
     # go to a file that is shown only when the notebook fails.
-    with tempfile.TemporaryDirectory(prefix="cxr-embed-kernel-") as sockets, tempfile.TemporaryFile("w+") as log:
+    with (
+        tempfile.TemporaryDirectory(prefix="cxr-embed-kernel-") as sockets,
+        tempfile.TemporaryFile("w+") as log,
+    ):
         # ipykernel's own spec for "python3" launches sys.executable, so the kernel sees this venv's packages.
         km = KernelManager(kernel_name=kernel_name, transport="ipc", ip=os.path.join(sockets, "kernel"))
-        client = NotebookClient(nb, km=km, timeout=timeout, resources={"metadata": {"path": str(nb_path.parent)}})
+        client = NotebookClient(
+            nb, km=km, timeout=timeout, resources={"metadata": {"path": str(nb_path.parent)}}
+        )
         try:
             client.execute(env=env, stderr=log)
         except CellExecutionError as exc:
