@@ -182,11 +182,12 @@ def check_read_only(sql: str) -> str:
         if inner_kind != "SELECT":
             raise _refused(inner_kind, " (also inside EXPLAIN)")
     for i, (text, _kind, _offset) in enumerate(tokens[:-2]):
-        if text.lower() in ("query", "query_table") and tokens[i + 1][0] == "(":
+        name = text.strip('"').lower()  # "query"(…) calls the same function
+        if name in ("query", "query_table") and tokens[i + 1][0] == "(":
             arg, arg_kind, _ = tokens[i + 2]
             if arg_kind != "string_const":
-                raise QueryError(f"{text}() takes a constant string here: SQL over a store is read-only.")
-            if text.lower() == "query":
+                raise QueryError(f"{name}() takes a constant string here: SQL over a store is read-only.")
+            if name == "query":
                 check_read_only(arg[1:-1].replace("''", "'"))
     return sql
 

@@ -137,6 +137,8 @@ def _write_attempts(store: Path, cwd: Path) -> list[str]:
         f"EXPLAIN (FORMAT json) COPY images TO '{cwd}/j.csv'",
         f"EXPLAIN ANALYZE SELECT * FROM query('COPY images TO ''{cwd}/q.csv''')",
         f"SELECT * FROM query('COPY images TO ''{cwd}/q.csv''')",
+        f"SELECT * FROM \"query\"('COPY images TO ''{cwd}/q.csv''')",
+        f"SELECT * FROM query('SELECT 1') UNION ALL SELECT * FROM query('COPY images TO ''{cwd}/u.csv''')",
         f"ATTACH '{cwd}/x.duckdb' AS x",
         f"ATTACH '{store}/new.duckdb' AS y",
         "INSTALL httpfs",
