@@ -70,6 +70,7 @@ def small_store(tmp_path: Path) -> Path:
     preds = pa.table(
         {
             "run_id": ["r"] * n,
+            "plan_id": ["p"] * n,
             "arm": ["a"] * n,
             "classifier": ["lr"] * n,
             "target": ["abnormal"] * n,
@@ -77,6 +78,7 @@ def small_store(tmp_path: Path) -> Path:
             "row_id": list(range(n)),
             "image_id": [f"i{i:03d}.png" for i in range(n)],
             "probability": [0.5] * n,
+            "probability_raw": [0.5] * n,
             "label": [i % 2 for i in range(n)],
         }
     )
