@@ -51,15 +51,14 @@ def _env(**extra: str) -> dict[str, str]:
 
 
 def _reusable_site_packages() -> Path:
-    """The folder that holds this interpreter's torch, pip and setuptools (what the clone's .venv reuses)."""
-    folders = {}
-    for name in ("torch", "pip", "setuptools"):
-        spec = importlib.util.find_spec(name)
-        assert spec is not None and spec.origin is not None, f"{name} is not importable here"
-        folders[name] = Path(spec.origin).resolve().parents[1]
-    if len(set(folders.values())) != 1:
-        pytest.skip(f"torch, pip and setuptools live in different folders here: {folders}")
-    return folders["torch"]
+    """The folder that holds this interpreter's torch; the clone's .venv takes pip and setuptools from it too."""
+    spec = importlib.util.find_spec("torch")
+    assert spec is not None and spec.origin is not None, "torch is not importable here"
+    folder = Path(spec.origin).resolve().parents[1]
+    missing = [name for name in ("pip", "setuptools") if not (folder / name).is_dir()]
+    if missing:
+        pytest.skip(f"{folder} holds torch but not {missing}: nothing to build the project offline with")
+    return folder
 
 
 def test_help_names_every_verb() -> None:
