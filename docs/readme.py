@@ -18,7 +18,7 @@ Marker syntax (HTML comments, invisible on GitHub):
     ```
     <!-- [[[end]]] -->
 
-- `[[[run OPTIONS: COMMAND]]]` runs COMMAND with bash and shows `$ COMMAND` followed by its stdout. Several
+- Markers stand alone on their lines. `[[[run OPTIONS: COMMAND]]]` runs COMMAND with bash and shows `$ COMMAND` followed by its stdout. Several
   commands, one per line, may stand between `[[[run OPTIONS:` and `]]]`: they run in order and the block shows
   each prompt and its output. OPTIONS (space separated, all optional):
   `stderr` (show stderr too, interleaved as a terminal would), `exit=N` (the exit status the commands are
@@ -31,10 +31,11 @@ Marker syntax (HTML comments, invisible on GitHub):
   earlier block or setup made (`cxr-embed synth data …` then `cxr-embed index data …`).
 
 The environment is fixed so the output is deterministic on CPU: the scratch folder is the working
-directory; `cxr-embed` is the one next to this Python (the project's venv); `CXR_EMBED_MODEL_DIR` is the tiny
-model shipped with the package; stdout is a pseudo-terminal of `columns` x 50 (so the commands print what a
-person sees in a terminal, tables included), stdin is empty; `TZ=UTC`, `LC_ALL=C.UTF-8`, `NO_COLOR=1`,
-`PYTHONHASHSEED=0`, `CUDA_VISIBLE_DEVICES=""`, one torch/BLAS thread.
+directory and holds a link `cxr` to the entry script (for `./cxr --help`, never a verb that builds
+.venv); `cxr-embed` is the one next to this Python (the project's venv); `CXR_EMBED_MODEL_DIR` is the
+tiny model shipped with the package; stdout is a pseudo-terminal of `columns` x 50 (so the commands
+print what a person sees in a terminal, tables included), stdin is empty; `TZ=UTC`, `LC_ALL=C.UTF-8`,
+`NO_COLOR=1`, `PYTHONHASHSEED=0`, `CUDA_VISIBLE_DEVICES=""`, one OpenMP/MKL thread.
 
 Scrub rules, applied to every output in this order (`SCRUBS` below, documented here):
 1. ANSI escape sequences are removed, `\\r\\n` becomes `\\n`, a line rewritten with `\\r` keeps its last
@@ -72,10 +73,12 @@ COMMAND_TIMEOUT_S = 900
 #: `images_per_s`, `updated_at`, `elapsed`): its value is masked wherever it appears as a field/value pair.
 TIMED_FIELD = r"[A-Za-z_/]*(?:seconds|_s|/s|_at|elapsed)"
 
+# A marker starts a line (so prose may quote one in backticks without running it).
 MARKER_RE = re.compile(
-    r"<!-- \[\[\[(?P<kind>run|setup)(?P<options>[^:\]\n]*):(?P<body>.*?)\]\]\] -->\n", re.S
+    r"^<!-- \[\[\[(?P<kind>run|setup)(?P<options>[^:\]\n]*):(?P<body>.*?)\]\]\] -->\n", re.S | re.M
 )
 END_MARKER = "<!-- [[[end]]] -->"
+END_RE = re.compile(r"^<!-- \[\[\[end\]\]\] -->$", re.M)
 
 
 class ReadmeError(Exception):
@@ -110,7 +113,8 @@ def parse(text: str) -> list[Marker]:
         if kind == "setup":
             markers.append(Marker(kind, commands, match.end(), match.end(), options))
             continue
-        end = text.find(END_MARKER, match.end())
+        end_match = END_RE.search(text, match.end())
+        end = end_match.start() if end_match else -1
         following = MARKER_RE.search(text, match.end())
         if end < 0 or (following is not None and following.start() < end):
             raise ReadmeError(f"line {line_no}: [[[run]]] marker without its {END_MARKER}")
@@ -139,6 +143,7 @@ class Workspace:
 
     @classmethod
     def create(cls, path: Path) -> Workspace:
+        (path / "cxr").symlink_to(ROOT / "cxr")  # `./cxr --help` works as in a clone
         env = {
             key: value
             for key, value in os.environ.items()
