@@ -152,6 +152,7 @@ def test_full_size_config_builds_the_official_state_dict_on_meta():
     assert counts["text_tower"] == manifest["param_counts"]["text_tower (lang_encoder.*)"]
 
 
+@pytest.mark.slow  # a backward pass through the image tower, twice (~30 s on a loaded 2-core machine)
 def test_image_tower_trains_with_gradient_checkpointing():
     """forward_features is differentiable; checkpointing (DropPath on, same RNG) changes nothing."""
     tower = DaViT(load_config(tiny_model_dir() / "config.yaml").image).train()
