@@ -176,6 +176,36 @@ def test_epoch_order_is_a_seeded_permutation():
     assert np.concatenate(a).tolist() != np.concatenate(b).tolist()
 
 
+def test_inference_decodes_through_the_shared_stage_and_names_no_real_path(tiny_model, tmp_path):
+    """Fine-tuning reads images like `index` does: same model input, de-identified decode failures."""
+    from PIL import Image
+
+    from cxr_embed.finetune.data import predict_logits
+    from cxr_embed.imageio import read_image
+
+    good, bad = tmp_path / "good.png", tmp_path / "patient_SMITH_JOHN.dcm"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64), dtype=np.uint8)).save(good)
+    bad.write_bytes(b"not a dicom file")
+    records = [
+        ImageRecord("g", str(good), "p1", None, None, 1, None, None, None, None, "folder"),
+        ImageRecord("uid-b", str(bad), "p2", None, None, 0, None, None, None, None, "dicom", stored_path="ref-7"),
+    ]
+    enc = tiny_model.module.image_encoder
+    net = FineTuneNet(enc, enc.num_features, 1).eval()
+    pre = tiny_model.preprocessor
+    idx, logits, failures = predict_logits(
+        net, records, pre, np.array([0, 1]), batch_size=2, device=torch.device("cpu"), precision="fp32",
+        workers=0, seed=0,
+    )
+    assert idx.tolist() == [0] and logits.shape == (1, 1)
+    with torch.no_grad():
+        expected = net(pre(read_image(good))[None]).double().numpy()
+    np.testing.assert_array_equal(logits, expected)   # uint8 → normalize = the one-image float path
+    [f] = failures
+    assert (f.image_id, f.path, f.stage) == ("uid-b", "ref-7", "decode")
+    assert str(bad) not in f.reason and "SMITH" not in f.reason
+
+
 def test_resume_refuses_changed_training_settings(tmp_path):
     save_run_config(FineTuneConfig(source="/data", out=str(tmp_path), lr=1e-4, epochs=3))
     with pytest.raises(ConfigError, match="lr"):

@@ -56,7 +56,8 @@ class FineTuneConfig:
     device: str = "auto"
     store: str | None = None
     seed: int = 0
-    reader_options: dict[str, Any] = field(default_factory=dict)  # the reader's options (--labels, --key-file, …)
+    # the reader's options (--labels, --key-file, …)
+    reader_options: dict[str, Any] = field(default_factory=dict)
     n_boot: int = 1000
     # The evaluation plan (needs --store): an existing plan id, else the plan with these settings.
     plan: str | None = None

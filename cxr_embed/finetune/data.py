@@ -1,19 +1,26 @@
-"""Fine-tuning data: targets, patient-wise splits, the seeded epoch order, decoding, batched inference."""
+"""Fine-tuning data: targets, patient-wise splits, the seeded epoch order, batched inference.
+
+Images are decoded by the shared :mod:`cxr_embed.decode` stage (as ``index`` and ``predict`` do), so a
+file reads the same way, and fails with the same de-identified ``ReadFailure``, in every command.
+"""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch import nn
 
-from cxr_embed.errors import EvaluationError, InputError
+from cxr_embed.errors import EvaluationError
 from cxr_embed.plans import carve_patients
 from cxr_embed.precision import autocast
-from cxr_embed.records import FINDINGS, ImageRecord
+from cxr_embed.records import FINDINGS, ImageRecord, ReadFailure
+
+if TYPE_CHECKING:
+    from cxr_embed.preprocessing import Preprocessor
 
 # --------------------------------------------------------------------------------------- data
 
@@ -81,44 +88,26 @@ def epoch_batches(n: int, epoch: int, seed: int, batch_size: int) -> list[np.nda
     return [order[i : i + batch_size] for i in range(0, n, batch_size)]
 
 
-class ImageDataset:
-    """Decode + preprocess one record; failures come back as a reason instead of raising."""
+def decode_loader(
+    records: Sequence[ImageRecord],
+    preprocessor: Preprocessor,
+    batches: list[list[int]],
+    *,
+    workers: int,
+    seed: int,
+    device: torch.device,
+) -> torch.utils.data.DataLoader:
+    """The shared decode stage (:func:`cxr_embed.decode.make_loader`) over explicit, seeded batches.
 
-    def __init__(self, records: Sequence[ImageRecord], targets: np.ndarray, preprocessor: Any):
-        self.records, self.targets, self.preprocessor = list(records), targets, preprocessor
+    ``batches`` fix the order (the data order of an epoch is a function of the seed only), and the
+    loader's own generator is seeded: otherwise the DataLoader would draw its worker seed from torch's
+    global RNG, which DropPath also uses, and a resumed run would see a different DropPath stream.
+    Failures come back as ``ReadFailure`` rows (stage "decode") that name no real path.
+    """
+    from cxr_embed.decode import make_loader
 
-    def __len__(self) -> int:
-        return len(self.records)
-
-    def __getitem__(self, i: int) -> tuple[int, Any, str | None]:
-        from cxr_embed.imageio import read_image
-
-        try:
-            return i, self.preprocessor(read_image(self.records[i].path)), None
-        except (InputError, OSError, ValueError) as exc:
-            return i, None, str(exc) or type(exc).__name__
-
-
-def collate(items: list[tuple[int, Any, str | None]]) -> tuple[list[int], Any, list[tuple[int, str]]]:
-    """Stack the decoded images; keep (index, reason) of the ones that failed."""
-    ok = [(i, t) for i, t, _ in items if t is not None]
-    failed = [(i, reason) for i, t, reason in items if t is None]
-    batch = torch.stack([t for _, t in ok]) if ok else None
-    return [i for i, _ in ok], batch, failed
-
-
-def _loader(dataset: ImageDataset, batches: list[list[int]], workers: int, seed: int, pin: bool) -> Any:
-    from torch.utils.data import DataLoader
-
-    # Own generator: the DataLoader would otherwise draw its worker seed from torch's global RNG, which
-    # DropPath also uses, and a resumed run would see a different DropPath stream.
-    return DataLoader(
-        dataset,
-        batch_sampler=batches,
-        num_workers=workers,
-        collate_fn=collate,
-        pin_memory=pin,
-        generator=torch.Generator().manual_seed(seed),
+    return make_loader(
+        records, preprocessor, batches=batches, workers=workers, pin_memory=device.type == "cuda", seed=seed
     )
 
 
@@ -128,7 +117,8 @@ def _loader(dataset: ImageDataset, batches: list[list[int]], workers: int, seed:
 @torch.no_grad()
 def predict_logits(
     net: nn.Module,
-    dataset: ImageDataset,
+    records: Sequence[ImageRecord],
+    preprocessor: Preprocessor,
     indices: np.ndarray,
     *,
     batch_size: int,
@@ -136,22 +126,23 @@ def predict_logits(
     precision: str,
     workers: int,
     seed: int,
-) -> tuple[np.ndarray, np.ndarray, list[tuple[int, str]]]:
-    """Eval-mode logits for ``dataset[indices]``: (indices that decoded, (n, T) float64 logits, failures)."""
+) -> tuple[np.ndarray, np.ndarray, list[ReadFailure]]:
+    """Eval-mode logits for ``records[indices]``: (indices that decoded, (n, T) float64 logits, failures)."""
     was_training = net.training
     net.eval()
     batches = [indices[i : i + batch_size].tolist() for i in range(0, len(indices), batch_size)]
     kept: list[int] = []
     outs: list[np.ndarray] = []
-    failed: list[tuple[int, str]] = []
+    failed: list[ReadFailure] = []
     try:
-        for idx, x, bad in _loader(dataset, batches, workers, seed, device.type == "cuda"):
-            failed.extend(bad)
-            if x is None:
+        for batch in decode_loader(records, preprocessor, batches, workers=workers, seed=seed, device=device):
+            failed.extend(batch.failures)
+            if batch.pixels is None:
                 continue
+            x = preprocessor.normalize(batch.pixels.to(device, non_blocking=True))
             with autocast(device.type, precision):
-                logits = net(x.to(device, non_blocking=True))
-            kept.extend(idx)
+                logits = net(x)
+            kept.extend(batch.indices)
             outs.append(logits.float().cpu().numpy().astype(np.float64))
     finally:
         net.train(was_training)

@@ -59,8 +59,8 @@ def _test_tables(
         expit(test_logits),
     )
     row_ids = _store_row_ids(run, test_idx)
-    image_ids = [run.dataset.records[i].image_id for i in test_idx]
-    groups = group_ids([run.dataset.records[i].patient_id for i in test_idx])
+    image_ids = [run.records[i].image_id for i in test_idx]
+    groups = group_ids([run.records[i].patient_id for i in test_idx])
     fold = np.full(len(test_idx), run.config.fold or 0, dtype=np.int64)
     plan_id = run.config.plan
     results, preds, mets, summary = [], [], [], {}
@@ -137,8 +137,7 @@ def _finish(run: _Run, state: TrainState, status: str) -> FineTuneResult:
             raise EvaluationError("No test image could be decoded; see errors.parquet in the output folder.")
         results, preds, mets, summary = _test_tables(run, val, test, temperature)
         meta = {
-            k: np.array([getattr(r, k) for r in run.dataset.records], dtype=object)
-            for k in ("sex", "age", "view")
+            k: np.array([getattr(r, k) for r in run.records], dtype=object) for k in ("sex", "age", "view")
         }
         mets += subgroup_metrics_tables(
             run.run_id, ARM, subgroup_table(results, meta, seed=run.config.seed), plan_id=run.config.plan
@@ -205,7 +204,7 @@ def _store_row_ids(run: _Run, idx: np.ndarray) -> np.ndarray | None:
 
     meta = Store.open(run.config.store).metadata(columns=["row_id", "image_id"])
     lookup = dict(zip(meta.column("image_id").to_pylist(), meta.column("row_id").to_pylist(), strict=True))
-    return np.array([lookup.get(run.dataset.records[i].image_id) for i in idx], dtype=object)
+    return np.array([lookup.get(run.records[i].image_id) for i in idx], dtype=object)
 
 
 def _write_failures(run: _Run) -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,8 +13,9 @@ import torch
 
 from cxr_embed.finetune.checkpoint import _cpu_state
 from cxr_embed.finetune.config import BEST_DIR, FineTuneConfig
-from cxr_embed.finetune.data import ImageDataset, predict_logits
+from cxr_embed.finetune.data import predict_logits
 from cxr_embed.finetune.optim import EMA, FineTuneNet
+from cxr_embed.records import ImageRecord, ReadFailure
 
 
 @dataclass
@@ -31,7 +32,7 @@ class _Run:
     scaler: Any
     ema: EMA | None
     device: torch.device
-    dataset: ImageDataset
+    records: list[ImageRecord]  # the labelled images; splits and decoded batch indices point into it
     targets: np.ndarray
     splits: dict[str, np.ndarray]
     names: list[str]
@@ -41,11 +42,11 @@ class _Run:
     failures: dict[str, dict[str, str]] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
 
-    def record_failures(self, bad: list[tuple[int, str]]) -> None:
-        for i, reason in bad:
-            r = self.dataset.records[i]
+    def record_failures(self, failures: Iterable[ReadFailure]) -> None:
+        """Keep the first failure per image; listing and decode both name a de-identified record by its reference."""
+        for f in failures:
             self.failures.setdefault(
-                r.image_id, {"image_id": r.image_id, "path": r.path, "stage": "decode", "reason": reason}
+                f.image_id, {"image_id": f.image_id, "path": f.path, "stage": f.stage, "reason": f.reason}
             )
 
     def trainable(self) -> list[tuple[str, torch.Tensor]]:
@@ -69,7 +70,8 @@ def _eval_weights(run: _Run) -> Iterator[None]:
 def _predict(run: _Run, split: str) -> tuple[np.ndarray, np.ndarray]:
     idx, logits, bad = predict_logits(
         run.net,
-        run.dataset,
+        run.records,
+        run.base.preprocessor,
         run.splits[split],
         batch_size=run.config.micro_batch,
         device=run.device,

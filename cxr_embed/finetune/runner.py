@@ -9,7 +9,6 @@ import random
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -25,7 +24,7 @@ from cxr_embed.finetune.config import (
     TrainState,
     save_run_config,
 )
-from cxr_embed.finetune.data import ImageDataset, patient_splits, target_names, targets_of
+from cxr_embed.finetune.data import patient_splits, target_names, targets_of
 from cxr_embed.finetune.evaluate import _finish
 from cxr_embed.finetune.optim import EMA, FineTuneNet, freeze_stages, param_groups, warmup_steps
 from cxr_embed.finetune.run import _Run, _sizes
@@ -183,7 +182,6 @@ def _setup(config: FineTuneConfig, resume: bool) -> _Run:
     started = time.perf_counter()
     # the same listing as `index`: reader options, de-identification key, chest-only filter
     listing = list_source(config.source, config.dataset, options=config.reader_options)
-    read_failures: list[Any] = list(listing.failures)
     records, targets = _labelled(listing.records, config.label)
     records, targets, splits = _splits_for(out, records, targets, config, resume)
     # the folds of a K-fold plan share the run id their driver wrote one folder up
@@ -225,7 +223,7 @@ def _setup(config: FineTuneConfig, resume: bool) -> _Run:
         scaler=scaler,
         ema=ema,
         device=device,
-        dataset=ImageDataset(records, targets, base.preprocessor),
+        records=records,
         targets=targets,
         splits=splits,
         names=target_names(config.label),
@@ -233,10 +231,7 @@ def _setup(config: FineTuneConfig, resume: bool) -> _Run:
         total_steps=total,
         warmup=warmup_steps(total, config.warmup_fraction),
     )
-    for f in read_failures:
-        run.failures.setdefault(
-            f.image_id, {"image_id": f.image_id, "path": f.path, "stage": f.stage, "reason": f.reason}
-        )
+    run.record_failures(listing.failures)
     run.timings["setup_s"] = time.perf_counter() - started
     return run
 

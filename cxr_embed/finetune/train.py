@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from cxr_embed.atomicio import atomic_path
 from cxr_embed.finetune.checkpoint import _cpu_state, save_checkpoint
 from cxr_embed.finetune.config import BEST_DIR, StepInfo, TrainState
-from cxr_embed.finetune.data import _loader, epoch_batches, mean_auc
+from cxr_embed.finetune.data import decode_loader, epoch_batches, mean_auc
 from cxr_embed.finetune.optim import augment_batch, lr_at, step_generator
 from cxr_embed.finetune.run import _eval_weights, _predict, _Run
 from cxr_embed.precision import autocast
@@ -69,12 +69,13 @@ def _train(
                 [c.tolist() for c in np.array_split(train_idx[b], cfg.accumulate) if len(c)] for b in steps
             ]
             loader = iter(
-                _loader(
-                    run.dataset,
+                decode_loader(
+                    run.records,
+                    run.base.preprocessor,
                     [m for step in plan for m in step],
-                    cfg.workers,
-                    cfg.seed * 7919 + state.epoch * 131 + state.step_in_epoch,
-                    run.device.type == "cuda",
+                    workers=cfg.workers,
+                    seed=cfg.seed * 7919 + state.epoch * 131 + state.step_in_epoch,
+                    device=run.device,
                 )
             )
             for micro_batches, b in zip(plan, steps, strict=True):
@@ -152,12 +153,13 @@ def _train_step(
     run.optimizer.zero_grad(set_to_none=True)
     total, trained = 0.0, False
     for m in range(n_micro):
-        idx, x, bad = next(loader)
-        run.record_failures(bad)
-        if x is None:
+        batch = next(loader)
+        run.record_failures(batch.failures)
+        if batch.pixels is None:
             continue
-        x = x.to(run.device, non_blocking=True)
-        y = torch.from_numpy(run.targets[idx]).to(run.device)
+        # uint8 through the loader (and over PCIe); normalised where the model runs, then augmented
+        x = run.base.preprocessor.normalize(batch.pixels.to(run.device, non_blocking=True))
+        y = torch.from_numpy(run.targets[batch.indices]).to(run.device)
         if cfg.augment:
             x = augment_batch(x, step_generator(cfg.seed, global_step, m), mean, std, hflip=cfg.hflip)
         with autocast(run.device.type, cfg.precision):
