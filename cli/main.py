@@ -12,6 +12,7 @@ from cxr_embed_cli import (
     index_cmds,
     model_cmds,
     search_cmds,
+    search_eval_cmds,
     sql_cmds,
     synth_cmds,
 )
@@ -64,6 +65,7 @@ for module in (
     index_cmds,
     classify_cmds,
     search_cmds,
+    search_eval_cmds,
     sql_cmds,
     finetune_cmds,
     demo_cmds,

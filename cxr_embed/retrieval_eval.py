@@ -28,6 +28,7 @@ from cxr_embed.errors import ConfigError
 from cxr_embed.metrics import roc_auc
 from cxr_embed.records import FINDINGS
 from cxr_embed.retrieval import Ranker, allowed_mask, index_search
+from cxr_embed.stats import PATIENT, auc_ci, mean_cis
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -38,6 +39,8 @@ SearchFn = Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]]
 """(queries, k) -> (similarities, database positions), FAISS-shaped; -1 pads missing results."""
 
 RANKING_METRICS = ("precision", "map", "ndcg")
+#: The ``arm`` of retrieval rows in the ``metrics`` table.
+ARM = "retrieval"
 
 
 @dataclass(frozen=True)
@@ -98,55 +101,6 @@ def ranking_metrics(relevant: np.ndarray, n_relevant: np.ndarray, k: int) -> dic
     return {"precision": rel.sum(axis=1) / k, "map": ap, "ndcg": ndcg}
 
 
-def clustered_mean_ci(
-    values: np.ndarray, clusters: np.ndarray, n_boot: int, seed: int, level: float = 0.95
-) -> tuple[float, float, float]:
-    """Mean of ``values`` (NaNs ignored) and its patient-clustered percentile bootstrap CI.
-
-    Resampling patients draws a multinomial count per patient; a replicate's mean is then the
-    count-weighted ratio of per-patient sums to per-patient counts, so no array is ever copied.
-    """
-    ok = ~np.isnan(values)
-    values, clusters = values[ok], clusters[ok]
-    if values.size == 0:
-        return float("nan"), float("nan"), float("nan")
-    codes, inverse = np.unique(clusters, return_inverse=True)
-    sums = np.bincount(inverse, weights=values, minlength=codes.size)
-    counts = np.bincount(inverse, minlength=codes.size).astype(np.float64)
-    mean = float(sums.sum() / counts.sum())
-    if n_boot <= 0:
-        return mean, float("nan"), float("nan")
-    rng = np.random.default_rng(seed)
-    draws = rng.multinomial(codes.size, np.full(codes.size, 1.0 / codes.size), size=n_boot).astype(np.float64)
-    reps = (draws @ sums) / np.maximum(draws @ counts, 1e-12)
-    alpha = (1 - level) / 2
-    low, high = np.quantile(reps, [alpha, 1 - alpha])
-    return mean, float(low), float(high)
-
-
-def clustered_auc_ci(
-    y: np.ndarray, p: np.ndarray, clusters: np.ndarray, n_boot: int, seed: int, level: float = 0.95
-) -> tuple[float, float, float]:
-    """ROC-AUC with a patient-clustered bootstrap CI (replicates without both classes are skipped)."""
-    auc = roc_auc(y, p)
-    if n_boot <= 0 or np.isnan(auc):
-        return auc, float("nan"), float("nan")
-    codes, inverse = np.unique(clusters, return_inverse=True)
-    rng = np.random.default_rng(seed)
-    reps = []
-    for _ in range(n_boot):
-        picked = rng.integers(0, codes.size, codes.size)
-        weight = np.bincount(picked, minlength=codes.size)[inverse]
-        rows = np.repeat(np.arange(y.size), weight)
-        if 0 < y[rows].sum() < rows.size:
-            reps.append(roc_auc(y[rows], p[rows]))
-    if not reps:
-        return auc, float("nan"), float("nan")
-    alpha = (1 - level) / 2
-    low, high = np.quantile(reps, [alpha, 1 - alpha])
-    return auc, float(low), float(high)
-
-
 def knn_vote(labels: np.ndarray, sims: np.ndarray, valid: np.ndarray) -> np.ndarray:
     """Weighted kNN vote per query: sum of max(sim, 0) over abnormal neighbours / over all (0.5 if none)."""
     w = np.where(valid, np.maximum(sims, 0.0), 0.0)
@@ -185,7 +139,9 @@ def targets_for(label: str) -> list[str]:
         return ["abnormal", *FINDINGS]
     if label in FINDINGS:
         return [label]
-    raise ConfigError(f"Unknown --label {label!r}: use abnormal, all-findings or one of {', '.join(FINDINGS)}.")
+    raise ConfigError(
+        f"Unknown --label {label!r}: use abnormal, all-findings or one of {', '.join(FINDINGS)}."
+    )
 
 
 def evaluate_neighbours(
@@ -220,20 +176,27 @@ def evaluate_neighbours(
             relevant = (nb_y == 1) & valid
         for k in ks:
             per_query = ranking_metrics(relevant[use], relevant_counts[target][use], k)
+            cis = mean_cis(per_query, query_patients[use], n_boot=n_boot, seed=seed)
             for metric in RANKING_METRICS:
-                value, low, high = clustered_mean_ci(per_query[metric], query_patients[use], n_boot, seed)
-                rows.append(RetrievalRow(index_kind, target, metric, k, value, low, high, int(use.sum())))
+                rows.append(RetrievalRow(index_kind, target, metric, k, *cis[metric], int(use.sum())))
         if target == "abnormal":
             for k in ks:
                 vote = knn_vote(nb_y[:, :k], neighbours.similarities[:, :k], valid[:, :k])
-                value, low, high = clustered_auc_ci(q_y[use], vote[use], query_patients[use], n_boot, seed)
+                value = roc_auc(q_y[use], vote[use])
+                low, high = (
+                    auc_ci(q_y[use], vote[use], clusters=query_patients[use], n_boot=n_boot, seed=seed)
+                    if not np.isnan(value)
+                    else (float("nan"), float("nan"))
+                )
                 rows.append(RetrievalRow(index_kind, target, "knn_auc", k, value, low, high, int(use.sum())))
     return rows
 
 
 def relevant_outside_patient(
-    query_targets: dict[str, np.ndarray], db_targets: dict[str, np.ndarray],
-    query_patients: np.ndarray, db_patients: np.ndarray,
+    query_targets: dict[str, np.ndarray],
+    db_targets: dict[str, np.ndarray],
+    query_patients: np.ndarray,
+    db_patients: np.ndarray,
 ) -> dict[str, np.ndarray]:
     """Per target and query: how many database rows of OTHER patients are relevant (the ideal's R)."""
     codes, db_inverse = np.unique(db_patients, return_inverse=True)
@@ -247,8 +210,14 @@ def relevant_outside_patient(
         totals = {c: float((db_y == c).sum()) for c in (0, 1)}
         want = np.where(q_y == 1, 1, 0) if target == "abnormal" else np.ones_like(q_y)
         own = np.where(
-            q_known, np.where(want == 1, per_patient[1][np.minimum(q_code, codes.size - 1)],
-                              per_patient[0][np.minimum(q_code, codes.size - 1)]), 0.0)
+            q_known,
+            np.where(
+                want == 1,
+                per_patient[1][np.minimum(q_code, codes.size - 1)],
+                per_patient[0][np.minimum(q_code, codes.size - 1)],
+            ),
+            0.0,
+        )
         out[target] = np.where(want == 1, totals[1], totals[0]) - own
     return out
 
@@ -256,7 +225,10 @@ def relevant_outside_patient(
 @dataclass(frozen=True)
 class RetrievalEvalConfig:
     """What ``search eval`` measures. ``where``: SQL condition on ``images`` limiting queries and
-    database; ``sample``: at most this many queries (stratified by label, seeded)."""
+    database; ``sample``: at most this many queries (stratified by label, seeded); ``plan_id``: a
+    stored evaluation plan whose test rows are the queries and whose training rows the database
+    (K folds: each fold's test rows search the other folds), so retrieval is scored on the same
+    rows as the classifiers."""
 
     ks: tuple[int, ...] = (1, 5, 10)
     label: str = "abnormal"
@@ -265,6 +237,36 @@ class RetrievalEvalConfig:
     index_kinds: tuple[str, ...] = ("exact", "index")
     n_boot: int = 1000
     seed: int = 0
+    plan_id: str | None = None
+
+
+@dataclass(frozen=True)
+class _Split:
+    """Database and query rows (positions in the store's metadata order) searched together."""
+
+    database: np.ndarray
+    queries: np.ndarray
+
+
+def _splits(
+    store: Store, config: RetrievalEvalConfig, row_ids: np.ndarray, labels: np.ndarray
+) -> list[_Split]:
+    """Without a plan: every allowed row (or a sample) against every allowed row. With one: per fold,
+    its test rows against its training rows (``--where`` further restricts both sides)."""
+    mask = allowed_mask(store, config.where)
+    allowed = np.arange(len(row_ids)) if mask is None else np.flatnonzero(mask[row_ids])
+    if config.plan_id is None:
+        return [_Split(allowed, _sample_queries(allowed, labels, config.sample, config.seed))]
+    from cxr_embed.plans import load_plan
+
+    plan = load_plan(store, config.plan_id)
+    members = plan.positions(row_ids)
+    out = []
+    for fold in plan.folds():
+        db = np.intersect1d(members[fold.train], allowed)
+        queries = np.intersect1d(members[fold.test], allowed)
+        out.append(_Split(db, _sample_queries(queries, labels, config.sample, config.seed + fold.index)))
+    return out
 
 
 def evaluate_store(store: Store, config: RetrievalEvalConfig) -> RetrievalReport:
@@ -275,36 +277,105 @@ def evaluate_store(store: Store, config: RetrievalEvalConfig) -> RetrievalReport
     meta = store.metadata(columns=["row_id", "patient_id", "label", *FINDINGS])
     row_ids = meta.column("row_id").to_numpy()
     patients = _patient_keys(meta.column("patient_id").to_pylist(), row_ids)
-    values = {t: _target_values(meta, t) for t in targets}
-    mask = allowed_mask(store, config.where)
-    db = np.arange(len(row_ids)) if mask is None else np.flatnonzero(mask[row_ids])
-    if db.size < 2:
-        raise ConfigError("search eval needs at least two rows (check --where).")
-    queries = _sample_queries(db, values["abnormal"] if "abnormal" in values else values[targets[0]],
-                              config.sample, config.seed)
-    kmax = min(max(config.ks), db.size - 1)
+    values = {t: _target_values(meta, t) for t in dict.fromkeys(["abnormal", *targets])}
+    splits = _splits(store, config, row_ids, values["abnormal"])
+    smallest = min(s.database.size for s in splits)
+    if smallest < 2 or not sum(s.queries.size for s in splits):
+        raise ConfigError(
+            "search eval needs at least two database rows and one query (check --where/--plan)."
+        )
+    kmax = min(max(config.ks), smallest - 1)
     ks = tuple(sorted({min(k, kmax) for k in config.ks}))
+    queries = np.concatenate([s.queries for s in splits])
     embeddings = store.embeddings()
-    q_vecs = np.ascontiguousarray(embeddings[queries], dtype=np.float32)
-    q_targets = {t: v[queries] for t, v in values.items()}
-    db_targets = {t: v[db] for t, v in values.items()}
-    relevant = relevant_outside_patient(q_targets, db_targets, patients[queries], patients[db])
-    report = RetrievalReport(params={
-        "ks": list(ks), "label": config.label, "where": config.where, "sample": config.sample,
-        "n_queries": int(queries.size), "n_database": int(db.size), "bootstrap_unit": "patient",
-        "n_boot": config.n_boot, "seed": config.seed, "index_kind": store.index_kind,
-    })
+    q_targets = {t: values[t][queries] for t in targets}
+    relevant = {
+        t: np.concatenate(
+            [
+                relevant_outside_patient(
+                    {t: values[t][s.queries]},
+                    {t: values[t][s.database]},
+                    patients[s.queries],
+                    patients[s.database],
+                )[t]
+                for s in splits
+            ]
+        )
+        for t in targets
+    }
+    report = RetrievalReport(
+        params={
+            "ks": list(ks),
+            "label": config.label,
+            "where": config.where,
+            "sample": config.sample,
+            "plan_id": config.plan_id,
+            "n_queries": int(queries.size),
+            "n_database": int(np.unique(np.concatenate([s.database for s in splits])).size),
+            "bootstrap_unit": PATIENT,
+            "n_boot": config.n_boot,
+            "seed": config.seed,
+            "index_kind": store.index_kind,
+        }
+    )
     for kind in config.index_kinds:
-        search = _exact_search(embeddings[db]) if kind == "exact" else _index_search(store, row_ids, db)
-        nb = neighbours_excluding_patient(search, q_vecs, patients[queries], patients[db], kmax)
-        report.rows += evaluate_neighbours(kind, nb, q_targets, db_targets, patients[queries], relevant,
-                                           ks, config.n_boot, config.seed)
+        parts = []
+        for s in splits:
+            search = (
+                _exact_search(embeddings[s.database])
+                if kind == "exact"
+                else _index_search(store, row_ids, s.database)
+            )
+            q_vecs = np.ascontiguousarray(embeddings[s.queries], dtype=np.float32)
+            nb = neighbours_excluding_patient(search, q_vecs, patients[s.queries], patients[s.database], kmax)
+            # database positions -> store positions, so every split indexes the same target arrays
+            parts.append(
+                Neighbours(
+                    np.where(nb.positions >= 0, s.database[np.maximum(nb.positions, 0)], -1), nb.similarities
+                )
+            )
+        nb = Neighbours(
+            np.concatenate([p.positions for p in parts]), np.concatenate([p.similarities for p in parts])
+        )
+        report.rows += evaluate_neighbours(
+            kind,
+            nb,
+            q_targets,
+            {t: values[t] for t in targets},
+            patients[queries],
+            relevant,
+            ks,
+            config.n_boot,
+            config.seed,
+        )
     return report
+
+
+def write_report(store: Store, report: RetrievalReport, timings: dict[str, float] | None = None) -> str:
+    """Append the report to the store's ``metrics`` table (arm ``retrieval``, classifier = index kind,
+    metric ``precision@5`` …) with a ``runs`` row; returns the run id."""
+    from cxr_embed.results import metrics_table, new_run_id, write_results
+
+    run_id = new_run_id("retrieval")
+    tables = []
+    for kind, target in dict.fromkeys((r.index_kind, r.target) for r in report.rows):
+        rows = [
+            (f"{r.metric}@{r.k}", r.value, r.ci_low, r.ci_high)
+            for r in report.rows
+            if (r.index_kind, r.target) == (kind, target)
+        ]
+        tables.append(
+            metrics_table(run_id, ARM, kind, target, -1, rows, plan_id=report.params.get("plan_id"))
+        )
+    write_results(store, run_id, "retrieval", report.params, timings or {}, [], tables)
+    return run_id
 
 
 def _patient_keys(patient_ids: list[str | None], row_ids: np.ndarray) -> np.ndarray:
     """Patient per row; an unknown patient is its own patient (only that image is excluded)."""
-    return np.asarray([p if p is not None else f"\x00row{r}" for p, r in zip(patient_ids, row_ids, strict=True)])
+    return np.asarray(
+        [p if p is not None else f"\x00row{r}" for p, r in zip(patient_ids, row_ids, strict=True)]
+    )
 
 
 def _target_values(meta: pa.Table, target: str) -> np.ndarray:
@@ -351,3 +422,34 @@ def _index_search(store: Store, row_ids: np.ndarray, db: np.ndarray) -> SearchFn
         return sims, np.where(ids >= 0, position[np.maximum(ids, 0)], -1)
 
     return search
+
+
+@dataclass(frozen=True)
+class RecordedEval:
+    """A report with where it was recorded (``run_id``/``figure`` are None when not saved)."""
+
+    report: RetrievalReport
+    run_id: str | None
+    figure: str | None
+
+
+def evaluate_and_record(store: Store, config: RetrievalEvalConfig, *, save: bool = True) -> RecordedEval:
+    """``search eval``: evaluate, then (``save``) write the metrics rows and the precision@k figure
+    (``plots/<run_id>/retrieval_precision_at_<k>.png``, k = the middle cut-off)."""
+    import time
+
+    t0 = time.perf_counter()
+    report = evaluate_store(store, config)
+    if not save:
+        return RecordedEval(report, None, None)
+    run_id = write_report(store, report, {"evaluate": time.perf_counter() - t0})
+    from pathlib import Path
+
+    from cxr_embed.plots import plot_retrieval
+
+    ks = report.params["ks"]
+    k = ks[len(ks) // 2]
+    figure = plot_retrieval(
+        Path(store.path) / "plots" / run_id / f"retrieval_precision_at_{k}.png", report.rows, k
+    )
+    return RecordedEval(report, run_id, str(figure))
