@@ -27,6 +27,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from cxr_embed import metrics
+from cxr_embed.array_state import Persistent
+from cxr_embed.calibration import platt, sigmoid
 from cxr_embed.errors import ConfigError
 from cxr_embed.records import FINDINGS
 
@@ -108,20 +110,30 @@ def zeroshot_scores(X: np.ndarray, positive: np.ndarray, negative: np.ndarray) -
     return X @ _centroid(positive) - X @ _centroid(negative)
 
 
-class ZeroShotClassifier:
-    """Text-prompt scores with Platt scaling fitted on the training rows of each fold."""
+class ZeroShotClassifier(Persistent):
+    """Text-prompt scores with Platt scaling fitted on the training rows of each fold.
+
+    Built by :func:`cxr_embed.classifiers.make_classifier` with the prompt embeddings as options
+    (``classify`` embeds the target's prompts once with the store's model); saved like the other
+    classifiers, so ``predict -c zeroshot`` needs no model: the prompt embeddings are its arrays.
+    """
 
     name = "zeroshot"
+    PARAMS = ("seed", "a_", "b_")
+    ARRAYS = {"positive": ("float32", ("p", "d")), "negative": ("float32", ("q", "d"))}
 
-    def __init__(self, positive: np.ndarray, negative: np.ndarray, seed: int = 0):
-        self.positive = np.asarray(positive, dtype=np.float32)
-        self.negative = np.asarray(negative, dtype=np.float32)
+    def __init__(self, positive: np.ndarray | None = None, negative: np.ndarray | None = None, seed: int = 0):
+        self.positive = None if positive is None else np.asarray(positive, dtype=np.float32)
+        self.negative = None if negative is None else np.asarray(negative, dtype=np.float32)
         self.seed = seed
 
     def fit(self, X, y, X_val=None, y_val=None) -> ZeroShotClassifier:
         """Calibrate only: the scores need no training, the sigmoid does (training rows only)."""
-        from cxr_embed.classifiers import _platt as platt
-
+        if self.positive is None or self.negative is None:
+            raise ConfigError(
+                "The zero-shot classifier needs prompt embeddings: run it through `cxr-embed classify "
+                "--models zeroshot`, which embeds the prompts with the store's model."
+            )
         self.a_, self.b_ = platt(zeroshot_scores(X, self.positive, self.negative), np.asarray(y))
         return self
 
@@ -129,9 +141,22 @@ class ZeroShotClassifier:
         return zeroshot_scores(X, self.positive, self.negative)
 
     def predict_proba(self, X) -> np.ndarray:
-        from cxr_embed.classifiers import _sigmoid as sigmoid
-
         return sigmoid(self.a_ * self.decision_function(X) + self.b_)
+
+    def _arrays(self) -> dict[str, np.ndarray]:
+        return {"positive": self.positive, "negative": self.negative}
+
+    def _set_arrays(self, arrays, dims) -> None:
+        self.positive, self.negative = arrays["positive"], arrays["negative"]
+
+
+def classifier_options(
+    model: MedImageInsight, target: str, prompts_file: str | Path | None = None
+) -> tuple[PromptSet, dict[str, np.ndarray]]:
+    """The prompt set of ``target`` and the ``make_classifier`` options it gives (its embeddings)."""
+    prompts = load_prompts(prompts_file, target) if prompts_file else default_prompts(target)
+    positive, negative = embed_prompts(model, prompts)
+    return prompts, {"positive": positive, "negative": negative}
 
 
 @dataclass(frozen=True)

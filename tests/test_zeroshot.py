@@ -79,3 +79,45 @@ def test_tiny_model_end_to_end(tiny_model) -> None:
     clf = ZeroShotClassifier(pos, neg).fit(X, y)
     assert clf.predict_proba(X).shape == (30,)
     assert len(prompt_report(X, y, prompts, pos, neg)) == 3
+
+
+def test_classify_zeroshot_calibrates_inside_training_folds_and_saves(tiny_store, tmp_path) -> None:
+    import shutil
+
+    from cxr_embed.classifier_files import load_classifier
+    from cxr_embed.crossval import fit_model
+    from cxr_embed.evaluation import ClassifyConfig, classify_store
+    from cxr_embed.model.files import tiny_model_dir
+    from cxr_embed.plans import group_ids, load_plan
+    from cxr_embed.store import Store
+
+    shutil.copytree(tiny_store.path, tmp_path / "store")
+    store = Store.open(tmp_path / "store")
+    config = ClassifyConfig(models=("zeroshot",), folds=3, n_boot=20, plots=False, device="cpu",
+                            model_dir=str(tiny_model_dir()))
+    run = classify_store(store, config)
+    (result,) = run.results
+    assert result.classifier == "zeroshot" and 0 <= result.pooled.values["roc_auc"] <= 1
+    report = run.prompt_reports["abnormal"]
+    assert report[-1].prompt == "(ensemble)" and len(report) == len(default_prompts("abnormal").positive) + 1
+    con = store.connect()
+    prompt_rows = con.execute("SELECT count(*) FROM metrics WHERE run_id = ? AND subgroup = 'prompt'",
+                              [run.run_id]).fetchone()[0]
+    assert prompt_rows == len(report)
+    # each fold's raw probabilities come from a fit on that fold's training rows only
+    plan = load_plan(store, run.plan_id)
+    meta = store.metadata()
+    pos = plan.positions(meta.column("row_id").to_numpy())
+    X = store.embeddings()[pos]
+    y = np.asarray(meta.column("label").to_pylist())[pos]
+    groups = group_ids(np.asarray(meta.column("patient_id").to_pylist(), dtype=object)[pos])
+    model = load_classifier(store.path, "zeroshot").classifier
+    options = {"positive": model.positive, "negative": model.negative}
+    fold = plan.folds()[1]
+    fitted = fit_model("zeroshot", X[fold.train], y[fold.train], groups[fold.train], "none", config.seed + fold.index,
+                       options=options)
+    in_fold = np.isin(result.rows, fold.test)
+    expected = fitted.predict_raw(X[result.rows[in_fold]])  # rows: positions in the plan (all labelled)
+    assert np.allclose(result.prob_raw[in_fold], expected)
+    # the saved (refitted) classifier predicts without the model: prompt embeddings are its arrays
+    assert model.predict_proba(X[:5]).shape == (5,)
