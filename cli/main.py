@@ -11,6 +11,7 @@ from cxr_embed_cli import (
     finetune_cmds,
     index_cmds,
     model_cmds,
+    reproduce_cmds,
     search_cmds,
     search_eval_cmds,
     sql_cmds,
@@ -69,6 +70,7 @@ for module in (
     sql_cmds,
     finetune_cmds,
     demo_cmds,
+    reproduce_cmds,
 ):
     module.register(app)
 

@@ -168,7 +168,12 @@ def cross_validate(
             for f in folds:
                 bar.note(f"{name} fold {f.index}")
                 fitted = fit_model(
-                    name, X[f.train], y[f.train], groups[f.train], calibration, seed + f.index,
+                    name,
+                    X[f.train],
+                    y[f.train],
+                    groups[f.train],
+                    calibration,
+                    seed + f.index,
                     options=(options or {}).get(name),
                 )
                 with clf.compute_threads(len(f.test), X.shape[1]):

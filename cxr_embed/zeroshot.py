@@ -53,16 +53,26 @@ class PromptSet:
 
 def default_prompts(target: str) -> PromptSet:
     """The built-in ensemble: ``abnormal`` = any of the 14 findings vs normal; a finding vs its absence."""
-    normal = (f"{MODALITY_ANATOMY} no finding", f"{MODALITY_ANATOMY} normal",
-              f"{MODALITY_ANATOMY} no acute cardiopulmonary abnormality")
+    normal = (
+        f"{MODALITY_ANATOMY} no finding",
+        f"{MODALITY_ANATOMY} normal",
+        f"{MODALITY_ANATOMY} no acute cardiopulmonary abnormality",
+    )
     if target in ("abnormal", "label"):
-        positive = tuple(f"{MODALITY_ANATOMY} {_words(f)}" for f in FINDINGS) + (f"{MODALITY_ANATOMY} abnormal",)
+        positive = tuple(f"{MODALITY_ANATOMY} {_words(f)}" for f in FINDINGS) + (
+            f"{MODALITY_ANATOMY} abnormal",
+        )
         return PromptSet("abnormal", positive, normal)
     if target in FINDINGS:
         words = _words(target)
-        return PromptSet(target, (f"{MODALITY_ANATOMY} {words}", f"{MODALITY_ANATOMY} with {words}"),
-                         (f"{MODALITY_ANATOMY} no {words}", *normal[:2]))
-    raise ConfigError(f"No zero-shot prompts for target {target!r}: use abnormal or one of {', '.join(FINDINGS)}.")
+        return PromptSet(
+            target,
+            (f"{MODALITY_ANATOMY} {words}", f"{MODALITY_ANATOMY} with {words}"),
+            (f"{MODALITY_ANATOMY} no {words}", *normal[:2]),
+        )
+    raise ConfigError(
+        f"No zero-shot prompts for target {target!r}: use abnormal or one of {', '.join(FINDINGS)}."
+    )
 
 
 def load_prompts(path: str | Path, target: str) -> PromptSet:
@@ -80,14 +90,22 @@ def load_prompts(path: str | Path, target: str) -> PromptSet:
         else:
             data = json.loads(text)
     except ValueError as exc:
-        raise ConfigError(f"The prompts file {path} is not valid {path.suffix.lstrip('.') or 'JSON'}: {exc}") from None
+        raise ConfigError(
+            f"The prompts file {path} is not valid {path.suffix.lstrip('.') or 'JSON'}: {exc}"
+        ) from None
     key = "abnormal" if target == "label" else target
     entry = data.get(key) if isinstance(data, dict) else None
     if entry is None:
         return default_prompts(target)
-    prompts = {side: entry.get(side) if isinstance(entry, dict) else None for side in ("positive", "negative")}
+    prompts = {
+        side: entry.get(side) if isinstance(entry, dict) else None for side in ("positive", "negative")
+    }
     for side, values in prompts.items():
-        if not isinstance(values, list) or not values or not all(isinstance(v, str) and v.strip() for v in values):
+        if (
+            not isinstance(values, list)
+            or not values
+            or not all(isinstance(v, str) and v.strip() for v in values)
+        ):
             raise ConfigError(f"{path}: [{key}] needs a non-empty list of strings `{side} = [...]`.")
     return PromptSet(key, tuple(prompts["positive"]), tuple(prompts["negative"]))
 
@@ -167,15 +185,18 @@ class PromptScore:
     roc_auc: float
 
 
-def prompt_report(X: np.ndarray, y: np.ndarray, prompts: PromptSet, positive: np.ndarray,
-                  negative: np.ndarray) -> list[PromptScore]:
+def prompt_report(
+    X: np.ndarray, y: np.ndarray, prompts: PromptSet, positive: np.ndarray, negative: np.ndarray
+) -> list[PromptScore]:
     """How much the answer depends on the wording: each positive prompt alone, then the ensemble.
 
     No fitting is involved (AUC is invariant to the monotone calibration), so this is computed on
     every labelled row without leaking anything into the evaluation.
     """
     y = np.asarray(y)
-    out = [PromptScore(text, metrics.roc_auc(y, zeroshot_scores(X, positive[i : i + 1], negative)))
-           for i, text in enumerate(prompts.positive)]
+    out = [
+        PromptScore(text, metrics.roc_auc(y, zeroshot_scores(X, positive[i : i + 1], negative)))
+        for i, text in enumerate(prompts.positive)
+    ]
     out.append(PromptScore("(ensemble)", metrics.roc_auc(y, zeroshot_scores(X, positive, negative))))
     return out

@@ -64,7 +64,9 @@ def test_calibration_uses_only_the_rows_given_to_fit() -> None:
     assert (a.a_, a.b_) == (b.a_, b.b_) and a.a_ > 0 and c.a_ < 0
     p = a.predict_proba(X[test])
     assert ((p > 0) & (p < 1)).all()
-    report = prompt_report(X, y, default_prompts("abnormal").__class__("abnormal", ("d0",), ("-d0",)), pos, neg)
+    report = prompt_report(
+        X, y, default_prompts("abnormal").__class__("abnormal", ("d0",), ("-d0",)), pos, neg
+    )
     assert report[-1].prompt == "(ensemble)" and report[-1].roc_auc > 0.8
 
 
@@ -93,16 +95,18 @@ def test_classify_zeroshot_calibrates_inside_training_folds_and_saves(tiny_store
 
     shutil.copytree(tiny_store.path, tmp_path / "store")
     store = Store.open(tmp_path / "store")
-    config = ClassifyConfig(models=("zeroshot",), folds=3, n_boot=20, plots=False, device="cpu",
-                            model_dir=str(tiny_model_dir()))
+    config = ClassifyConfig(
+        models=("zeroshot",), folds=3, n_boot=20, plots=False, device="cpu", model_dir=str(tiny_model_dir())
+    )
     run = classify_store(store, config)
     (result,) = run.results
     assert result.classifier == "zeroshot" and 0 <= result.pooled.values["roc_auc"] <= 1
     report = run.prompt_reports["abnormal"]
     assert report[-1].prompt == "(ensemble)" and len(report) == len(default_prompts("abnormal").positive) + 1
     con = store.connect()
-    prompt_rows = con.execute("SELECT count(*) FROM metrics WHERE run_id = ? AND subgroup = 'prompt'",
-                              [run.run_id]).fetchone()[0]
+    prompt_rows = con.execute(
+        "SELECT count(*) FROM metrics WHERE run_id = ? AND subgroup = 'prompt'", [run.run_id]
+    ).fetchone()[0]
     assert prompt_rows == len(report)
     # each fold's raw probabilities come from a fit on that fold's training rows only
     plan = load_plan(store, run.plan_id)
@@ -114,8 +118,15 @@ def test_classify_zeroshot_calibrates_inside_training_folds_and_saves(tiny_store
     model = load_classifier(store.path, "zeroshot").classifier
     options = {"positive": model.positive, "negative": model.negative}
     fold = plan.folds()[1]
-    fitted = fit_model("zeroshot", X[fold.train], y[fold.train], groups[fold.train], "none", config.seed + fold.index,
-                       options=options)
+    fitted = fit_model(
+        "zeroshot",
+        X[fold.train],
+        y[fold.train],
+        groups[fold.train],
+        "none",
+        config.seed + fold.index,
+        options=options,
+    )
     in_fold = np.isin(result.rows, fold.test)
     expected = fitted.predict_raw(X[result.rows[in_fold]])  # rows: positions in the plan (all labelled)
     assert np.allclose(result.prob_raw[in_fold], expected)
