@@ -21,6 +21,7 @@ summary goes to ``OUT/reproduce.json`` and a rerun skips it, while the steps the
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -145,11 +146,10 @@ class _Run:
         self.out = Path(config.out)
         self.store_dir = self.out / "store"
         self.state_path = self.out / STATE_FILE
-        self.state: dict[str, Any] = {"protocol": config.protocol(), "steps": {}}
+        # through JSON once, so the comparison with a saved run sees lists where the config has tuples
+        self.state: dict[str, Any] = {"protocol": json.loads(json.dumps(config.protocol())), "steps": {}}
 
     def load(self) -> None:
-        import json
-
         if not self.state_path.is_file():
             return
         saved = json.loads(self.state_path.read_text(encoding="utf-8"))
