@@ -70,10 +70,10 @@ def search_eval(
     as_json: JsonOpt = False,
     wide: WideOpt = False,
 ) -> None:
-    """Retrieval quality: every query searched with its own patient excluded; precision@k, mAP@k,
-    nDCG@k (a neighbour is relevant when it shares the query's label or finding) and the kNN-vote
-    ROC-AUC, each with a patient-clustered 95% bootstrap CI, for exact search and the store's index.
+    """Retrieval quality: precision@k, mAP@k, nDCG@k and kNN-vote AUC, own patient excluded.
 
+    A neighbour is relevant when it shares the query's label or finding; every figure has a
+    patient-clustered 95% bootstrap CI, for exact search and the store's index.
     Written to the store's `metrics` table (arm `retrieval`) with a precision@k-by-finding figure.
     """
     spec = resolve_output(fmt, out, as_json=as_json, wide=wide)
