@@ -32,7 +32,7 @@ SUBGROUP_COLUMNS = ("classifier", "target", "attribute", "group", "n", "prevalen
 @handle_errors
 def classify(
     store: StoreOpt,
-    models: Annotated[str, typer.Option("--models", "-m", help="Comma-separated classifiers: svm,lr,knn,rf,mlp.")] = "svm,lr,knn,rf,mlp",
+    models: Annotated[str, typer.Option("--models", "-m", help="Comma-separated classifiers: svm,lr,knn,rf,mlp, and zeroshot (text prompts; loads the model).")] = "svm,lr,knn,rf,mlp",
     folds: Annotated[int, typer.Option("--folds", help="Cross-validation folds (patient-grouped, stratified).")] = 5,
     label: Annotated[str, typer.Option("--label", help="Target: abnormal (any finding), one finding (e.g. effusion), or all-findings (one-vs-rest for the 14).")] = "abnormal",
     split: Annotated[str, typer.Option("--split", help="cv: K patient-grouped folds; holdout: a patient-disjoint test fraction; official: train on train_val, test on test_list.")] = "cv",
@@ -45,6 +45,10 @@ def classify(
     n_boot: Annotated[int, typer.Option("--bootstrap", help="Bootstrap replicates (patients resampled) for the 95% CIs (0 = none).")] = 1000,
     refit: Annotated[bool, typer.Option("--refit/--no-refit", help="Refit each classifier on all rows and save it under classifiers/<run_id>/ (for `predict`).")] = True,
     plots: Annotated[bool, typer.Option("--plots/--no-plots", help="Write ROC, precision-recall and reliability PNGs under plots/<run_id>/.")] = True,
+    prompts: Annotated[Path | None, typer.Option("--prompts", help="Zero-shot prompts per target (TOML/JSON: [abnormal] positive = [...], negative = [...]); with --models zeroshot.")] = None,
+    model_dir: ModelDirOpt = None,
+    device: DeviceOpt = "auto",
+    precision: PrecisionOpt = "fp32",
     json_out: JsonOpt = False,
 ) -> None:
     """Cross-validate classifiers on the store's embeddings, leak-free, and save everything in the store.
@@ -64,7 +68,8 @@ def classify(
     config = evaluation.ClassifyConfig(
         models=tuple(parse_models(models)), folds=folds, label=label, split=split, calibration=calibration,
         seed=seed, n_boot=n_boot, refit=refit, plots=plots, progress=not json_out, test_fraction=test_fraction,
-        plan_id=plan, where=where, sample=sample,
+        plan_id=plan, where=where, sample=sample, prompts=str(prompts) if prompts else None,
+        model_dir=str(model_dir) if model_dir else None, device=device, precision=precision,
     )
     run = evaluation.classify_store(st, config)
     warn_all(run.warnings)
@@ -72,6 +77,7 @@ def classify(
         emit_json({
             "run_id": run.run_id, "plan_id": run.plan_id, "warnings": run.warnings, "leakage": run.leakage, "summary": run.summary(), "subgroups": run.subgroups,
             "skipped_targets": run.skipped, "saved_models": run.saved_models, "plots": run.plots, "timings": run.timings,
+            "prompt_reports": run.prompt_reports,
         })
         return
     info(f"run {run.run_id} on plan {run.plan}: shared patients per fold {run.leakage} (must be 0)")
@@ -87,6 +93,9 @@ def classify(
     else:
         print_table(run.summary(), title=f"{label}: pooled out-of-fold metrics, plan {run.plan_id} (95% CI: patients resampled)",
                     columns=SUMMARY_COLUMNS)
+    for target, scores in run.prompt_reports.items():
+        print_table([{"prompt": p.prompt, "roc_auc": p.roc_auc} for p in scores],
+                    title=f"Zero-shot prompts, {target}: ROC-AUC of each positive prompt alone and of the ensemble")
     print_table(run.subgroups, title="Subgroups (pooled; sens90 = triage operating point)", columns=SUBGROUP_COLUMNS)
     for p in run.saved_models:
         info(f"saved {p}")

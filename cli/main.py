@@ -11,7 +11,9 @@ from cxr_embed_cli import (
     finetune_cmds,
     index_cmds,
     model_cmds,
+    reproduce_cmds,
     search_cmds,
+    search_eval_cmds,
     sql_cmds,
     synth_cmds,
 )
@@ -64,9 +66,11 @@ for module in (
     index_cmds,
     classify_cmds,
     search_cmds,
+    search_eval_cmds,
     sql_cmds,
     finetune_cmds,
     demo_cmds,
+    reproduce_cmds,
 ):
     module.register(app)
 

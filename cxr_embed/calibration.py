@@ -14,7 +14,6 @@ from typing import Any
 
 import numpy as np
 
-from cxr_embed import classifiers as clf
 from cxr_embed.errors import ConfigError
 
 CALIBRATIONS = ("none", "platt", "isotonic", "temperature")
@@ -22,6 +21,21 @@ CALIBRATIONS = ("none", "platt", "isotonic", "temperature")
 MIN_CLASS_ROWS = 30
 #: The temperature search runs over log T in [-LOG_T_BOUND, LOG_T_BOUND].
 LOG_T_BOUND = 5.0
+
+
+def platt(scores: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+    """Platt's sigmoid ``1 / (1 + exp(-(a*s + b)))`` fitted by (nearly unpenalised) logistic regression."""
+    from sklearn.linear_model import LogisticRegression
+
+    if len(np.unique(y)) < 2:
+        return 1.0, 0.0
+    lr = LogisticRegression(C=1e6, max_iter=1000).fit(scores.reshape(-1, 1).astype(np.float64), y)
+    return float(lr.coef_[0, 0]), float(lr.intercept_[0])
+
+
+def sigmoid(z: np.ndarray) -> np.ndarray:
+    """The logistic function, clipped so huge scores give 0/1 instead of overflow warnings."""
+    return 1.0 / (1.0 + np.exp(-np.clip(z, -50, 50)))
 
 
 @dataclass
@@ -42,7 +56,7 @@ class Calibrator:
         p = np.asarray(p, dtype=np.float64)
         if self.method == "isotonic":
             return np.clip(self.isotonic.predict(p), 0.0, 1.0)
-        return clf._sigmoid(self.a * logit(p) + self.b)
+        return sigmoid(self.a * logit(p) + self.b)
 
     @property
     def temperature(self) -> float | None:
@@ -75,7 +89,7 @@ def fit_temperature(z: np.ndarray, y: np.ndarray) -> tuple[float, str | None]:
     from scipy.optimize import minimize_scalar
 
     def nll(log_t: float) -> float:
-        q = np.clip(clf._sigmoid(z / np.exp(log_t)), 1e-12, 1 - 1e-12)
+        q = np.clip(sigmoid(z / np.exp(log_t)), 1e-12, 1 - 1e-12)
         return float(-np.mean(y * np.log(q) + (1 - y) * np.log(1 - q)))
 
     log_t = float(minimize_scalar(nll, bounds=(-LOG_T_BOUND, LOG_T_BOUND), method="bounded").x)
@@ -98,7 +112,7 @@ def fit_calibrator(method: str, p, y) -> Calibrator | None:
         return None
     warnings = [w for w in (size_warning(method, y),) if w]
     if method == "platt":
-        a, b = clf._platt(logit(p), y)
+        a, b = platt(logit(p), y)
         return Calibrator("platt", a, b, warnings=warnings)
     if method == "temperature":
         t, bound = fit_temperature(logit(p), y)

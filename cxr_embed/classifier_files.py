@@ -279,10 +279,10 @@ def _check_doc(doc: Any, name: str, run: str, path: Path) -> type[Persistent]:
             "(files were moved or renamed outside cxr-embed)."
         )
     kind = doc.get("classifier")
-    if kind not in clf.CLASSIFIER_NAMES:
+    if kind not in clf.ALL_NAMES:
         raise StoreError(
             f"{path} names classifier {kind!r}, which is not one of cxr-embed's "
-            f"({', '.join(clf.CLASSIFIER_NAMES)}); refused."
+            f"({', '.join(clf.ALL_NAMES)}); refused."
         )
     thresholds = _field(doc, "thresholds", dict, path)
     if not all(

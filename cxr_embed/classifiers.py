@@ -54,9 +54,15 @@ import scipy.linalg
 
 from cxr_embed import metrics
 from cxr_embed.array_state import Persistent, TreeEnsemble
+from cxr_embed.calibration import platt, sigmoid
 from cxr_embed.errors import ConfigError
+from cxr_embed.zeroshot import ZeroShotClassifier
 
 CLASSIFIER_NAMES: tuple[str, ...] = ("svm", "lr", "knn", "rf", "mlp")
+#: Classifiers that need more than embeddings (the model's text tower): never in a default run.
+EXTRA_NAMES: tuple[str, ...] = ("zeroshot",)
+#: Every classifier a run may name or a saved file may hold.
+ALL_NAMES: tuple[str, ...] = CLASSIFIER_NAMES + EXTRA_NAMES
 
 
 #: Below this many input values (rows x dims) work runs on one thread: thread start-up and
@@ -125,20 +131,6 @@ class Pca:
 
     def __call__(self, X: np.ndarray) -> np.ndarray:
         return _f32((X - self.mean) @ self.components)
-
-
-def _platt(scores: np.ndarray, y: np.ndarray) -> tuple[float, float]:
-    """Platt's sigmoid ``1 / (1 + exp(-(a*s + b)))`` fitted by (nearly unpenalised) logistic regression."""
-    from sklearn.linear_model import LogisticRegression
-
-    if len(np.unique(y)) < 2:
-        return 1.0, 0.0
-    lr = LogisticRegression(C=1e6, max_iter=1000).fit(scores.reshape(-1, 1).astype(np.float64), y)
-    return float(lr.coef_[0, 0]), float(lr.intercept_[0])
-
-
-def _sigmoid(z: np.ndarray) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(-np.clip(z, -50, 50)))
 
 
 class LogisticClassifier(Persistent):
@@ -290,14 +282,14 @@ class SvmClassifier(Persistent):
         self.C_ = C
         self.coef_, self.intercept_ = _squared_hinge_svm(F, t, C)
         if F_val is not None:
-            self.platt_ = _platt(self._decision(F_val), np.asarray(y_val))
+            self.platt_ = platt(self._decision(F_val), np.asarray(y_val))
         else:
-            self.platt_ = _platt(self._decision(F), np.asarray(y))
+            self.platt_ = platt(self._decision(F), np.asarray(y))
         return self
 
     def predict_proba(self, X) -> np.ndarray:
         a, b = self.platt_
-        return _sigmoid(a * self._decision(self._features(_f32(X))).astype(np.float64) + b)
+        return sigmoid(a * self._decision(self._features(_f32(X))).astype(np.float64) + b)
 
     def _arrays(self) -> dict[str, np.ndarray]:
         return {"landmarks": self.landmarks_, "normalizer": self.normalizer_, "coef": self.coef_}
@@ -495,7 +487,7 @@ class MlpClassifier(Persistent):
                 opt.step()
             if Zv is None:
                 continue
-            p = _sigmoid(self._logits(net, Zv).astype(np.float64))
+            p = sigmoid(self._logits(net, Zv).astype(np.float64))
             val_loss = -np.mean(np.where(np.asarray(y_val) == 1, np.log(p + 1e-12), np.log(1 - p + 1e-12)))
             if val_loss < best - 1e-4:
                 best, waited = val_loss, 0
@@ -514,7 +506,7 @@ class MlpClassifier(Persistent):
 
         net = self._module()
         net.load_state_dict({k: torch.from_numpy(v) for k, v in self.weights_.items()})
-        return _sigmoid(self._logits(net, _f32(self.scaler_(_f32(X)))).astype(np.float64))
+        return sigmoid(self._logits(net, _f32(self.scaler_(_f32(X)))).astype(np.float64))
 
     def _arrays(self) -> dict[str, np.ndarray]:
         net = {f"net.{k}": v for k, v in self.weights_.items()}
@@ -533,6 +525,7 @@ _REGISTRY: dict[str, type[Persistent]] = {
     "knn": KnnClassifier,
     "rf": ForestClassifier,
     "mlp": MlpClassifier,
+    "zeroshot": ZeroShotClassifier,
 }
 
 
@@ -540,7 +533,7 @@ _REGISTRY: dict[str, type[Persistent]] = {
 def classifier_class(name: str) -> type[Persistent]:
     """The class saved under ``name`` (a saved file names its classifier; nothing else is ever built)."""
     if name not in _REGISTRY:
-        raise ConfigError(f"Unknown classifier {name!r}; choose from {', '.join(CLASSIFIER_NAMES)}.")
+        raise ConfigError(f"Unknown classifier {name!r}; choose from {', '.join(ALL_NAMES)}.")
     return _REGISTRY[name]
 
 
@@ -549,10 +542,11 @@ def parse_models(spec: str) -> list[str]:
     names = [s.strip().lower() for s in spec.split(",") if s.strip()]
     bad = [n for n in names if n not in _REGISTRY]
     if bad or not names:
-        raise ConfigError(f"Unknown classifier(s) {bad or spec!r}; choose from {', '.join(CLASSIFIER_NAMES)}.")
+        raise ConfigError(f"Unknown classifier(s) {bad or spec!r}; choose from {', '.join(ALL_NAMES)}.")
     return list(dict.fromkeys(names))
 
 
-def make_classifier(name: str, seed: int = 0):
-    """A fresh, unfitted classifier by name with the documented defaults."""
-    return classifier_class(name)(seed=seed)
+def make_classifier(name: str, seed: int = 0, **options):
+    """A fresh, unfitted classifier by name with the documented defaults (``options``: what a classifier
+    needs beyond embeddings, e.g. the zero-shot prompt embeddings)."""
+    return classifier_class(name)(seed=seed, **options)

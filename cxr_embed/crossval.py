@@ -11,7 +11,7 @@ decisions use each row's own fold thresholds. Every CI resamples patients (``sta
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,12 +56,22 @@ class FittedModel:
 
 
 def fit_model(
-    name: str, X, y, groups, calibration: str = "none", seed: int = 0, max_holdout: int = 10_000
+    name: str,
+    X,
+    y,
+    groups,
+    calibration: str = "none",
+    seed: int = 0,
+    max_holdout: int = 10_000,
+    options: Mapping[str, Any] | None = None,
 ) -> FittedModel:
-    """Fit classifier ``name`` on the training rows: held-out slice, classifier, calibrator, thresholds."""
+    """Fit classifier ``name`` on the training rows: held-out slice, classifier, calibrator, thresholds.
+
+    ``options``: keyword arguments of the classifier beyond embeddings (the zero-shot prompt embeddings).
+    """
     y = np.asarray(y).astype(np.int64)
     fit_idx, held = holdout_slice(y, groups, max_rows=max_holdout, seed=seed)
-    model = clf.make_classifier(name, seed=seed)
+    model = clf.make_classifier(name, seed=seed, **(options or {}))
     with clf.compute_threads(*np.shape(X)):
         if len(held):
             model.fit(X[fit_idx], y[fit_idx], X[held], y[held])
@@ -137,8 +147,12 @@ def cross_validate(
     fold_n_boot: int = 200,
     progress: bool = False,
     rows: np.ndarray | None = None,
+    options: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> list[ModelResult]:
-    """Run every classifier over ``folds`` after the leakage check; one :class:`ModelResult` each."""
+    """Run every classifier over ``folds`` after the leakage check; one :class:`ModelResult` each.
+
+    ``options``: per classifier name, its extra keyword arguments (see :func:`fit_model`).
+    """
     y = np.asarray(y).astype(np.int64)
     groups = np.asarray(groups)
     check_leakage(folds, groups)
@@ -153,7 +167,15 @@ def cross_validate(
             per_fold, thresholds, warnings = [], [], []
             for f in folds:
                 bar.note(f"{name} fold {f.index}")
-                fitted = fit_model(name, X[f.train], y[f.train], groups[f.train], calibration, seed + f.index)
+                fitted = fit_model(
+                    name,
+                    X[f.train],
+                    y[f.train],
+                    groups[f.train],
+                    calibration,
+                    seed + f.index,
+                    options=(options or {}).get(name),
+                )
                 with clf.compute_threads(len(f.test), X.shape[1]):
                     raw[f.test] = fitted.predict_raw(X[f.test])
                 prob[f.test], fold_of[f.test] = fitted.calibrate(raw[f.test]), f.index

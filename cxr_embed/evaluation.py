@@ -58,6 +58,10 @@ class ClassifyConfig:
     plan_id: str | None = None  # an existing plan; else the plan with the settings above
     where: str | None = None  # SQL condition on the images view
     sample: int | None = None  # stratified whole-patient subset of about this many images
+    prompts: str | None = None  # zero-shot prompt file (TOML/JSON); None: the built-in ensembles
+    model_dir: str | None = None  # the model whose text tower embeds the prompts (default: the store's)
+    device: str = "auto"
+    precision: str = "fp32"
 
     def plan_settings(self) -> PlanSettings:
         if self.split not in SPLIT_ALIASES:
@@ -79,6 +83,7 @@ class ClassifyRun:
     plan_id: str | None = None
     plan: str = ""  # human description of the plan
     warnings: list[str] = field(default_factory=list)
+    prompt_reports: dict[str, list[Any]] = field(default_factory=dict)  # target -> zeroshot.PromptScore rows
 
     def summary(self) -> list[dict[str, Any]]:
         """The study-shaped table: one row per (target, classifier) with pooled metrics."""
@@ -129,6 +134,8 @@ class _Outputs:
     skipped: dict[str, str] = field(default_factory=dict)
     leakage: list[int] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
+    options: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)  # target -> classifier -> kwargs
+    prompt_reports: dict[str, list[Any]] = field(default_factory=dict)
 
 
 def _load_plan_rows(store, plan: Plan) -> _PlanRows:
@@ -137,6 +144,27 @@ def _load_plan_rows(store, plan: Plan) -> _PlanRows:
     taken = meta.take(pa.array(pos))
     columns = {c: np.asarray(taken.column(c).to_pylist(), dtype=object) for c in taken.column_names}
     return _PlanRows(plan, store.embeddings()[pos], columns, group_ids(list(columns["patient_id"])))
+
+
+def _zeroshot_options(model, data: _PlanRows, target: str, config: ClassifyConfig, run_id: str,
+                      out: _Outputs) -> None:
+    """Embed ``target``'s prompts once (options of every fold's zero-shot classifier) and record the
+    prompt report (ROC-AUC of each prompt and of the ensemble on the plan's labelled rows; no fitting,
+    so nothing leaks) as ``metrics`` rows with ``subgroup = 'prompt'``."""
+    from cxr_embed import zeroshot
+
+    prompts, options = zeroshot.classifier_options(model, target, config.prompts)
+    out.options.setdefault(target, {})["zeroshot"] = options
+    column = "label" if target == "abnormal" else target
+    raw = data.columns.get(column)
+    if raw is None:
+        return
+    keep = np.flatnonzero(np.array([v is not None and v == v for v in raw]))
+    report = zeroshot.prompt_report(data.X[keep], raw[keep].astype(np.int64), prompts, options["positive"],
+                                    options["negative"])
+    out.prompt_reports[target] = report
+    out.metrics.extend(metrics_table(run_id, ARM, "zeroshot", target, -1, [("roc_auc", s.roc_auc, None, None)],
+                                     plan_id=data.plan.plan_id, subgroup="prompt", level=s.prompt) for s in report)
 
 
 def _evaluate_target(data: _PlanRows, target: str, n_targets: int, models: Sequence[str], config: ClassifyConfig,
@@ -158,7 +186,8 @@ def _evaluate_target(data: _PlanRows, target: str, n_targets: int, models: Seque
     folds = data.plan.folds(keep)
     out.leakage = check_leakage(folds, groups)
     res = cross_validate(data.X[keep], y, groups, folds, models, target=target, calibration=config.calibration,
-                         seed=config.seed, n_boot=config.n_boot, progress=config.progress, rows=keep)
+                         seed=config.seed, n_boot=config.n_boot, progress=config.progress, rows=keep,
+                         options=out.options.get(target))
     plan = data.plan
     for r in res:
         out.timings[f"{target}/{r.classifier}"] = r.seconds
@@ -179,7 +208,8 @@ def _refit_and_save(store, data: _PlanRows, target: str, models: Sequence[str], 
     for name in models:
         cv = next(r for r in res if r.classifier == name)
         file_name = model_name(name, target)
-        out.refits[file_name] = fit_model(name, data.X[keep], y, groups, config.calibration, config.seed)
+        out.refits[file_name] = fit_model(name, data.X[keep], y, groups, config.calibration, config.seed,
+                                          options=out.options.get(target, {}).get(name))
         out.per_model[file_name] = {"target": target,
                                     "cv_metrics": {k: v for k, v in cv.pooled.values.items() if v == v}}
     out.timings[f"{target}/refit"] = time.perf_counter() - t0
@@ -212,7 +242,14 @@ def classify_store(store, config: ClassifyConfig) -> ClassifyRun:
     data = _load_plan_rows(store, plan)
     run_id = new_run_id("classify")
     out = _Outputs(timings={"load": time.perf_counter() - start})
+    text_model = None
+    if "zeroshot" in models:
+        from cxr_embed.store import load_store_model
+
+        text_model = load_store_model(store, config.model_dir, device=config.device, precision=config.precision)
     for target in targets:
+        if text_model is not None:
+            _zeroshot_options(text_model, data, target, config, run_id, out)
         res = _evaluate_target(data, target, len(targets), models, config, run_id, out)
         out.results.extend(res)
         if res and config.refit:
@@ -237,9 +274,12 @@ def classify_store(store, config: ClassifyConfig) -> ClassifyRun:
         "bootstrap_unit": stats.PATIENT, "leakage": out.leakage, "model_id": store.model_id,
         "checkpoint_sha256": store.checkpoint_sha256, "rows": len(plan), "skipped_targets": out.skipped,
     }
+    if out.prompt_reports:
+        params["zeroshot_prompts"] = {"file": config.prompts, "roc_auc": {
+            t: {s.prompt: s.roc_auc for s in rows} for t, rows in out.prompt_reports.items()}}
     write_results(store, run_id, "classify", params, out.timings, out.predictions, out.metrics, warnings)
     return ClassifyRun(run_id, out.results, subgroups, out.leakage, out.saved, plot_files, out.timings, out.skipped,
-                       plan.plan_id, plan.describe(), warnings)
+                       plan.plan_id, plan.describe(), warnings, out.prompt_reports)
 
 
 # ------------------------------------------------------------------------ saving and predict

@@ -100,3 +100,36 @@ def plot_study(folder: str | Path, y: np.ndarray, arms: Sequence, shown: Sequenc
     rel = _save(plt, fig, ax, folder / f"study_reliability_{target}.png", f"Reliability: {target}, same rows",
                 "mean predicted probability", "observed fraction abnormal")
     return [roc, rel]
+
+
+def plot_retrieval(path: str | Path, rows: Sequence, k: int) -> Path:
+    """Bar chart of precision@k by target (``retrieval_eval.RetrievalRow``), one bar per index kind, with CIs.
+
+    Why by finding: a good mean precision can hide findings whose neighbours are no better than chance.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    picked = [r for r in rows if r.metric == "precision" and r.k == k]
+    targets = list(dict.fromkeys(r.target for r in picked))
+    kinds = list(dict.fromkeys(r.index_kind for r in picked))
+    plt, fig, ax = _figure()
+    fig.set_size_inches(max(5, 0.5 * len(targets) + 2), 4.5)
+    width = 0.8 / max(len(kinds), 1)
+    for i, kind in enumerate(kinds):
+        by_target = {r.target: r for r in picked if r.index_kind == kind}
+        x = np.arange(len(targets)) + i * width
+        vals = np.array([by_target[t].value if t in by_target else np.nan for t in targets])
+        low = np.array([by_target[t].ci_low if t in by_target else np.nan for t in targets])
+        high = np.array([by_target[t].ci_high if t in by_target else np.nan for t in targets])
+        err = np.nan_to_num(np.vstack([vals - low, high - vals]), nan=0.0)
+        ax.bar(x, vals, width, yerr=err, capsize=2, label=kind)
+    ax.set_xticks(np.arange(len(targets)) + width * (len(kinds) - 1) / 2)
+    ax.set_xticklabels(targets, rotation=60, ha="right", fontsize=8)
+    ax.set(title=f"precision@{k} by finding (patient excluded, 95% CI)", ylabel=f"precision@{k}", ylim=(0, 1.01))
+    ax.legend(loc="best", fontsize=8)
+    ax.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+    return path

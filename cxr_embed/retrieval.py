@@ -285,7 +285,7 @@ class Ranker:
         if mask is None:
             sims, ids = index_search(self.index, vectors, min(k, self.n))
             return [self._valid(ids[i], sims[i], "index") for i in range(len(vectors))]
-        sims, ids = index_search(self.index, vectors, min(k, allowed), self._selector_params(mask))
+        sims, ids = index_search(self.index, vectors, min(k, allowed), self.selector_params(mask))
         out = []
         rows = None
         for i in range(len(vectors)):
@@ -324,7 +324,7 @@ class Ranker:
                 out.append(((top if rows is None else rows[top]).astype(np.int64), row[top].astype(np.float32), strategy))
         return out
 
-    def _selector_params(self, mask: np.ndarray) -> faiss.SearchParameters:
+    def selector_params(self, mask: np.ndarray) -> faiss.SearchParameters:
         """SearchParameters carrying an ``IDSelectorBitmap`` of ``mask`` and the index's own
         efSearch/nprobe (FAISS would otherwise fall back to its defaults)."""
         import faiss

@@ -180,6 +180,49 @@ def auc_ci(
     return _percentiles({"roc_auc": reps}, level)["roc_auc"]
 
 
+def mean_cis(
+    columns: Mapping[str, np.ndarray],
+    clusters: np.ndarray | None = None,
+    *,
+    n_boot: int = 1000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> dict[str, tuple[float, float, float]]:
+    """``(mean, low, high)`` per column of per-row values (NaN = undefined, left out), resampling ``clusters``.
+
+    Why one call for several columns: retrieval metrics of the same queries (precision, AP, nDCG)
+    share one set of patient draws, and each replicate mean is a ratio of linear sums (per-patient
+    sums of values and of defined rows, times the draw counts), so the draws are made once.
+    """
+    names = list(columns)
+    if not names:
+        return {}
+    first = np.asarray(columns[names[0]], dtype=np.float64).ravel()
+    codes = cluster_codes(clusters, first.size)
+    n_clusters = int(codes.max()) + 1 if codes.size else 0
+    cols: dict[str, np.ndarray] = {}
+    for name in names:
+        v = np.asarray(columns[name], dtype=np.float64).ravel()
+        ok = ~np.isnan(v)
+        cols[f"sum:{name}"], cols[f"n:{name}"] = np.where(ok, v, 0.0), ok.astype(np.float64)
+    out = {}
+    for name in names:
+        n = cols[f"n:{name}"].sum()
+        out[name] = (float(cols[f"sum:{name}"].sum() / n) if n else float("nan"), float("nan"), float("nan"))
+    if n_boot <= 0 or n_clusters == 0:
+        return out
+    keys, sums = _per_cluster(codes, n_clusters, cols)
+    col = {k: i for i, k in enumerate(keys)}
+    reps: dict[str, list[float]] = {name: [] for name in names}
+    for draws in cluster_draws(n_clusters, n_boot, seed):
+        lin = draws @ sums
+        for name in names:
+            with np.errstate(invalid="ignore", divide="ignore"):
+                reps[name].extend((lin[:, col[f"sum:{name}"]] / lin[:, col[f"n:{name}"]]).tolist())
+    cis = _percentiles(reps, level)
+    return {name: (out[name][0], *cis[name]) if not np.isnan(out[name][0]) else out[name] for name in names}
+
+
 def paired_diff_cis(
     y, p_a, p_b, *, clusters: np.ndarray | None = None, n_boot: int = 1000, seed: int = 0, level: float = 0.95
 ) -> dict[str, tuple[float, float]]:
