@@ -10,6 +10,7 @@ from cxr_embed_cli import (
     index_cmds,
     model_cmds,
     search_cmds,
+    serve_cmds,
     sql_cmds,
     synth_cmds,
 )
@@ -24,7 +25,8 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
-for module in (model_cmds, synth_cmds, index_cmds, classify_cmds, search_cmds, sql_cmds, finetune_cmds, demo_cmds):
+for module in (model_cmds, synth_cmds, index_cmds, classify_cmds, search_cmds, sql_cmds, finetune_cmds, demo_cmds,
+               serve_cmds):
     module.register(app)
 
 if __name__ == "__main__":  # pragma: no cover

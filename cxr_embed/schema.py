@@ -89,6 +89,28 @@ RESULT_SCHEMAS: dict[str, pa.Schema] = {
             ("timings", pa.string()),
         ]
     ),
+    # one row per call to `cxr-embed serve`'s /v1 API (cxr_embed/serve/audit.py): no identifiers, no pixels
+    "audit": pa.schema(
+        [
+            ("time", pa.timestamp("us", tz="UTC")),
+            ("key_id", pa.string()),
+            ("endpoint", pa.string()),
+            ("status", pa.int32()),
+            ("input_kind", pa.string()),
+            ("inputs", pa.int32()),
+            ("input_bytes", pa.int64()),
+            ("model_id", pa.string()),
+            ("checkpoint_sha256", pa.string()),
+            ("classifier", pa.string()),
+            ("classifier_run", pa.string()),
+            ("classifier_sha256", pa.string()),
+            ("thresholds", pa.string()),
+            ("decision", pa.string()),
+            ("abstained", pa.int32()),
+            ("latency_ms", pa.float64()),
+            ("error", pa.string()),
+        ]
+    ),
 }
 
 

@@ -1,0 +1,10 @@
+"""``cxr-embed serve``: an authenticated HTTP triage / search / embedding service over one store.
+
+Modules, in request order: :mod:`.config` (settings, the loopback rule), :mod:`.keys` (API keys as
+salted hashes), :mod:`.uploads` (bodies within limits, multipart in memory), :mod:`.scope`
+(decoding and the chest-radiograph scope check; pseudonyms only), :mod:`.batching` (micro-batches
+for the model), :mod:`.engine` (store, model, classifier, distance gate), :mod:`.seams` (the
+adapters to the model/classifier loaders of other issues), :mod:`.audit` (the ``audit`` table),
+:mod:`.metrics` (Prometheus), :mod:`.app` (routes) and :mod:`.page` (the case-lookup page).
+FastAPI and uvicorn come with the ``serve`` extra; nothing here is imported by the rest of cxr-embed.
+"""

@@ -1,0 +1,373 @@
+"""The FastAPI app: routes, authentication, audit and metrics around one :class:`Engine`.
+
+Request path of a triage call: authenticate (bearer key) -> read the body within limits -> decode
+and scope-check each file (thread pool) -> preprocess -> micro-batch (model thread: embed, classify,
+search) -> answer per file, abstaining with a reason where the input is out of scope, undecodable
+or too far from every stored case -> one audit row and the metrics, whatever the outcome.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse, Response
+
+from cxr_embed.errors import CxrEmbedError, QueryError
+from cxr_embed.serve.audit import AuditLog, AuditRecord
+from cxr_embed.serve.batching import BatchConfig, MicroBatcher
+from cxr_embed.serve.config import ServeConfig
+from cxr_embed.serve.engine import Engine, ImageAnswer, ImageQuery
+from cxr_embed.serve.keys import KeyRing
+from cxr_embed.serve.metrics import ServeMetrics, make_metrics
+from cxr_embed.serve.scope import DecodedUpload, decode_upload, id_key
+from cxr_embed.serve.uploads import Upload, read_body, read_uploads
+
+log = logging.getLogger("cxr_embed.serve")
+
+ROUTES = ("/v1/triage", "/v1/search", "/v1/encode", "/v1/store", "/healthz", "/readyz", "/metrics", "/", "/lookup")
+AUDITED = ("/v1/", "/lookup")
+
+
+@dataclass
+class Service:
+    """Everything the routes share (one per app)."""
+
+    config: ServeConfig
+    engine: Engine
+    batcher: MicroBatcher[ImageQuery, ImageAnswer]
+    audit: AuditLog
+    metrics: ServeMetrics
+    keys: KeyRing | None
+    key: bytes  # pseudonymisation secret
+
+    def authenticate(self, token: str | None) -> str:
+        """The key id; 401 unless ``token`` is an active key (or the server runs keyless on loopback)."""
+        if self.keys is None:
+            return "none"
+        key_id = self.keys.verify(token)
+        if key_id is None:
+            raise HTTPException(401, "Missing, unknown or revoked API key: send 'Authorization: Bearer <key>'.",
+                                headers={"WWW-Authenticate": "Bearer"})
+        return key_id
+
+    def decode(self, uploads: list[Upload]) -> list[tuple[DecodedUpload, Any]]:
+        """Decode + scope-check + preprocess each upload (runs in the thread pool)."""
+        out = []
+        for up in uploads:
+            dec = decode_upload(up.data, up.content_type, max_pixels=self.config.max_pixels, key=self.key)
+            out.append((dec, None if dec.image is None else self.engine.model.preprocessor(dec.image)))
+        return out
+
+    async def answer(self, decoded: list[tuple[DecodedUpload, Any]], k: int, patient: str | None) -> list[ImageAnswer | None]:
+        """Micro-batched answers for the decodable inputs (None for the rest), within the request timeout."""
+        queries = [ImageQuery(t, k, d.patient or patient) for d, t in decoded if t is not None]
+        try:
+            answers = await asyncio.wait_for(self.batcher.submit(queries), self.config.timeout_s) if queries else []
+        except asyncio.TimeoutError:
+            raise HTTPException(504, f"The model did not answer within {self.config.timeout_s:g} s; the server is "
+                                     "overloaded, retry later.") from None
+        it = iter(answers)
+        return [next(it) if t is not None else None for _, t in decoded]
+
+
+def _bearer(request: Request) -> str | None:
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    return token.strip() if scheme.lower() == "bearer" else None
+
+
+def _service(request: Request) -> Service:
+    return request.app.state.service
+
+
+def require_key(request: Request) -> str:
+    """FastAPI dependency of every /v1 route: authenticate and note the key id for the audit."""
+    key_id = _service(request).authenticate(_bearer(request))
+    request.state.audit.key_id = key_id
+    return key_id
+
+
+def neighbor_json(n: Any) -> dict[str, Any]:
+    """A neighbour as the API shows it: pseudonymous ids, never the stored file path."""
+    return {"rank": n.rank, "image_id": n.image_id, "patient_id": n.patient_id, "similarity": round(n.similarity, 6),
+            "label": n.label, "findings": list(n.findings) if n.findings is not None else None, "view": n.view}
+
+
+def triage_item(svc: Service, index: int, dec: DecodedUpload, ans: ImageAnswer | None) -> dict[str, Any]:
+    """One file's answer: probability and decisions, or ``abstain`` with a reason; neighbours either way."""
+    item: dict[str, Any] = {"index": index, "input": {"kind": dec.kind, "bytes": dec.size}, "query_id": dec.query_id,
+                            "patient_excluded": False, "abstain": False, "reason": None, "probability": None,
+                            "probability_source": None, "decisions": {}, "nearest_similarity": None, "neighbors": []}
+    if dec.abstention is not None or ans is None:
+        reason = dec.abstention
+        item.update(abstain=True, reason={"code": reason.code, "detail": reason.detail} if reason else None)
+        return item
+    result = ans.neighbors
+    neighbors = result.neighbors if result is not None else []
+    nearest = neighbors[0].similarity if neighbors else None
+    item.update(neighbors=[neighbor_json(n) for n in neighbors], nearest_similarity=nearest,
+                patient_excluded=result is not None and result.excluded_patient is not None)
+    gate = svc.engine.gate
+    if not gate.allows(nearest):
+        shown = "none" if nearest is None else f"{nearest:.3f}"
+        item.update(abstain=True, reason={"code": "out-of-distribution", "detail": (
+            f"the most similar stored case has similarity {shown}, below this store's threshold {gate.threshold:.3f} "
+            f"(the {gate.percentile:g}th percentile of stored cases' similarity to their nearest other-patient case)")})
+        return item
+    clf = svc.engine.classifier
+    if clf is not None:
+        item.update(probability=ans.probability, probability_source="classifier",
+                    decisions={name: bool(ans.probability >= thr) for name, thr in clf.thresholds.items()})
+    elif result is not None:
+        item.update(probability=result.probability_abnormal, probability_source="knn-vote")
+    return item
+
+
+def _decision_summary(item: dict[str, Any]) -> str:
+    if item["abstain"]:
+        return f"abstain:{(item['reason'] or {}).get('code', 'unknown')}"
+    if item["decisions"]:
+        return ",".join(f"{k}:{'abnormal' if v else 'normal'}" for k, v in sorted(item["decisions"].items()))
+    p = item["probability"]
+    return "knn:n/a" if p is None else f"knn:{p:.3f}"
+
+
+def _note_inputs(rec: AuditRecord, decoded: list[tuple[DecodedUpload, Any]]) -> None:
+    rec.inputs = len(decoded)
+    rec.input_bytes = sum(d.size for d, _ in decoded)
+    rec.input_kind = ",".join(sorted({d.kind for d, _ in decoded})) or None
+
+
+def _k(svc: Service, k: int | None) -> int:
+    k = svc.config.k if k is None else k
+    if not 1 <= k <= svc.config.max_k:
+        raise HTTPException(422, f"k must be between 1 and {svc.config.max_k} (got {k}).")
+    return k
+
+
+def create_app(config: ServeConfig, *, engine: Engine | None = None) -> FastAPI:
+    """A ready app: loads the store, model and classifier now (so start-up errors surface before serving)."""
+    config.check()
+    engine = engine or Engine(config)
+    metrics = make_metrics()
+    batcher: MicroBatcher[ImageQuery, ImageAnswer] = MicroBatcher(
+        engine.run_images, BatchConfig(config.max_batch, config.max_wait_ms), engine.executor,
+        on_batch=lambda n, s: (metrics.batch_size.observe(n), metrics.batch_seconds.observe(s)))
+    svc = Service(config, engine, batcher, AuditLog(engine.store.path), metrics,
+                  KeyRing(config.keys) if config.keys is not None else None, id_key())
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        batcher.start()
+        flusher = asyncio.create_task(_flush_every(svc.audit, config.audit_flush_seconds))
+        try:
+            yield
+        finally:
+            flusher.cancel()
+            await batcher.stop()
+            await run_in_threadpool(svc.audit.flush)
+
+    app = FastAPI(title="cxr-embed triage service", version="1", lifespan=lifespan,
+                  description="Chest X-ray triage, similar-case search and embeddings over a cxr-embed store.")
+    app.state.service = svc
+
+    @app.middleware("http")
+    async def audit_and_measure(request: Request, call_next: Any) -> Response:
+        path = request.url.path
+        rec = AuditRecord(endpoint=path, model_id=engine.model.model_id, checkpoint_sha256=engine.model.checkpoint_sha256)
+        if engine.classifier is not None:
+            clf = engine.classifier
+            rec.classifier, rec.classifier_run, rec.classifier_sha256, rec.thresholds = clf.name, clf.run_id, clf.sha256, clf.thresholds
+        request.state.audit = rec
+        start = time.perf_counter()
+        try:
+            response = await call_next(request)
+        except Exception as exc:  # noqa: BLE001 - a bug: logged without request data, answered without a traceback
+            log.error("internal error on %s: %s", path, type(exc).__name__, exc_info=True)
+            metrics.errors.labels("internal").inc()
+            rec.error = rec.error or f"internal:{type(exc).__name__}"
+            response = JSONResponse({"detail": "Internal error; the server log has the details."}, status_code=500)
+        elapsed = time.perf_counter() - start
+        endpoint = path if path in ROUTES else "other"
+        metrics.requests.labels(endpoint, str(response.status_code)).inc()
+        metrics.latency.labels(endpoint).observe(elapsed)
+        if path.startswith(AUDITED):
+            rec.status, rec.latency_ms = response.status_code, elapsed * 1000
+            if response.status_code >= 400:
+                rec.error = rec.error or f"http{response.status_code}"
+                metrics.errors.labels(f"http{response.status_code}").inc()
+            if svc.audit.append(rec):
+                await run_in_threadpool(svc.audit.flush)
+        return response
+
+    @app.exception_handler(CxrEmbedError)
+    async def user_error(_: Request, exc: CxrEmbedError) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=404 if isinstance(exc, QueryError) else 400)
+
+    _routes(app, svc)
+    from cxr_embed.serve.page import add_page_routes
+
+    add_page_routes(app, svc)
+    return app
+
+
+async def _flush_every(audit: AuditLog, seconds: float) -> None:
+    while True:
+        await asyncio.sleep(seconds)
+        try:
+            await run_in_threadpool(audit.flush)
+        except Exception:  # noqa: BLE001 - a full disk must not stop the service; the rows of this flush are lost, logged
+            log.exception("audit flush failed")
+
+
+async def triage_uploads(svc: Service, rec: AuditRecord, uploads: list[Upload], k: int, patient: str | None) -> list[dict]:
+    """The triage pipeline shared by ``POST /v1/triage`` and the page."""
+    decoded = await run_in_threadpool(svc.decode, uploads)
+    _note_inputs(rec, decoded)
+    answers = await svc.answer(decoded, k, patient)
+    items = [triage_item(svc, i, d, a) for i, ((d, _), a) in enumerate(zip(decoded, answers, strict=True))]
+    for item in items:
+        if item["abstain"]:
+            svc.metrics.abstentions.labels((item["reason"] or {}).get("code", "unknown")).inc()
+    rec.abstained = sum(item["abstain"] for item in items)
+    rec.decision = ";".join(_decision_summary(i) for i in items)
+    return items
+
+
+def _routes(app: FastAPI, svc: Service) -> None:
+    engine, config = svc.engine, svc.config
+
+    def header() -> dict[str, Any]:
+        return {"model": {"model_id": engine.model.model_id, "checkpoint_sha256": engine.model.checkpoint_sha256},
+                "classifier": engine.classifier.describe() if engine.classifier else None,
+                "distance_gate": engine.gate.describe(), "store_rows": len(engine.store)}
+
+    async def uploads_of(request: Request) -> tuple[list[Upload], dict[str, str]]:
+        files, fields = await read_uploads(request, max_bytes=config.max_bytes, max_files=config.max_files)
+        if not files:
+            raise HTTPException(400, "No image in the request: send one file as the body (application/dicom, "
+                                     "image/png, image/jpeg) or several as multipart/form-data.")
+        return files, fields
+
+    @app.get("/healthz", tags=["ops"])
+    async def healthz() -> dict[str, str]:
+        """Liveness: the process answers (no authentication)."""
+        return {"status": "ok"}
+
+    @app.get("/readyz", tags=["ops"])
+    async def readyz() -> JSONResponse:
+        """Readiness: model loaded, store open, batcher running."""
+        ready = svc.batcher._task is not None and not svc.batcher._task.done()
+        return JSONResponse({"ready": ready, "rows": len(engine.store)}, status_code=200 if ready else 503)
+
+    @app.get("/metrics", tags=["ops"])
+    async def metrics_text() -> Response:
+        """Prometheus text format."""
+        svc.metrics.store_rows.set(len(engine.store))
+        return Response(svc.metrics.exposition(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.get("/v1/store", tags=["api"])
+    async def store_info(request: Request, _: str = Depends(require_key)) -> dict[str, Any]:
+        """The model, row count, saved classifiers and the distance gate answers come from."""
+        request.state.audit.input_kind = "none"
+        return await run_in_threadpool(engine.describe)
+
+    @app.post("/v1/triage", tags=["api"])
+    async def triage(request: Request, k: int | None = None, patient_id: str | None = None,
+                     _: str = Depends(require_key)) -> dict[str, Any]:
+        """Probability of abnormal, decision at each operating point and the k most similar stored cases per image.
+
+        Body: one file (``application/dicom``, ``image/png``, ``image/jpeg``) or ``multipart/form-data`` with
+        several. ``patient_id``: the store's (pseudonymous) patient id of the query, to exclude that patient's
+        images from the neighbours; a DICOM's own Patient ID is pseudonymised and used automatically.
+        """
+        files, fields = await uploads_of(request)
+        items = await triage_uploads(svc, request.state.audit, files, _k(svc, k), patient_id or fields.get("patient_id"))
+        return {**header(), "results": items}
+
+    @app.post("/v1/search", tags=["api"])
+    async def search(request: Request, k: int | None = None, _: str = Depends(require_key)) -> dict[str, Any]:
+        """Similar stored cases by text (``{"text": ...}``), stored id (``{"image_id": ...}``) or an image body."""
+        rec = request.state.audit
+        if request.headers.get("content-type", "").startswith("application/json"):
+            query = await _json(request, config.max_bytes)
+            kk = _k(svc, query.get("k", k))
+            rec.inputs = 1
+            if isinstance(query.get("text"), str) and query["text"].strip():
+                rec.input_kind = "text"
+                result = (await _in_model_thread(engine.search_texts, [query["text"]], kk))[0]
+            elif isinstance(query.get("image_id"), str):
+                rec.input_kind = "image_id"
+                exclude = bool(query.get("exclude_same_patient", True))
+                result = (await _in_model_thread(engine.search_ids, [query["image_id"]], kk, exclude))[0]
+            else:
+                raise HTTPException(422, 'Give {"text": "..."} or {"image_id": "..."} (or send an image).')
+            rec.decision = "knn:n/a" if result.probability_abnormal is None else f"knn:{result.probability_abnormal:.3f}"
+            return {**header(), "results": [{"index": 0, "abstain": False, "neighbors": [neighbor_json(n) for n in result],
+                                             "knn_probability": result.probability_abnormal}]}
+        files, fields = await uploads_of(request)
+        items = await triage_uploads(svc, rec, files, _k(svc, k), fields.get("patient_id"))
+        for item in items:
+            item["knn_probability"] = item.pop("probability") if item.pop("probability_source") == "knn-vote" else None
+            item.pop("decisions")
+        return {**header(), "results": items}
+
+    @app.post("/v1/encode", tags=["api"])
+    async def encode(request: Request, _: str = Depends(require_key)) -> dict[str, Any]:
+        """Embeddings (unit-norm, the store's model): ``{"texts": [...]}`` or image files."""
+        rec = request.state.audit
+        if request.headers.get("content-type", "").startswith("application/json"):
+            texts = (await _json(request, config.max_bytes)).get("texts")
+            if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
+                raise HTTPException(422, 'Give {"texts": ["...", ...]} (or send images).')
+            rec.input_kind, rec.inputs = "text", len(texts)
+            vectors = await _in_model_thread(engine.encode_texts, texts)
+            return {**header(), "results": [{"index": i, "abstain": False, "embedding": v.tolist()} for i, v in enumerate(vectors)]}
+        files, _fields = await uploads_of(request)
+        decoded = await run_in_threadpool(svc.decode, files)
+        _note_inputs(rec, decoded)
+        answers = await svc.answer(decoded, 0, None)
+        out = []
+        for i, ((dec, _), ans) in enumerate(zip(decoded, answers, strict=True)):
+            reason = dec.abstention
+            out.append({"index": i, "abstain": ans is None, "input": {"kind": dec.kind, "bytes": dec.size},
+                        "reason": {"code": reason.code, "detail": reason.detail} if reason else None,
+                        "embedding": None if ans is None else ans.vector.tolist()})
+        rec.abstained = sum(o["abstain"] for o in out)
+        return {**header(), "results": out}
+
+    async def _in_model_thread(fn: Any, *args: Any) -> Any:
+        loop = asyncio.get_running_loop()
+        try:
+            return await asyncio.wait_for(loop.run_in_executor(engine.executor, fn, *args), config.timeout_s)
+        except asyncio.TimeoutError:
+            raise HTTPException(504, f"No answer within {config.timeout_s:g} s; retry later.") from None
+
+
+async def _json(request: Request, limit: int) -> dict[str, Any]:
+    import json
+
+    try:
+        doc = json.loads(await read_body(request, limit) or b"{}")
+    except ValueError:
+        raise HTTPException(400, "The body is not valid JSON.") from None
+    if not isinstance(doc, dict):
+        raise HTTPException(422, "The JSON body must be an object.")
+    return doc
+
+
+def app_from_env() -> FastAPI:
+    """Factory for ``uvicorn --factory`` worker processes (``--workers N``): settings from the environment."""
+    import os
+
+    from cxr_embed.serve.config import CONFIG_ENV
+
+    return create_app(ServeConfig.from_json(os.environ[CONFIG_ENV]))

@@ -1,0 +1,114 @@
+"""The service's parts without a server: micro-batching, the distance gate, the DICOM scope rules, keys."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from pydicom.dataset import Dataset
+
+from cxr_embed.serve.batching import BatchConfig, MicroBatcher
+from cxr_embed.serve.scope import decode_upload, dicom_scope, sniff_kind
+
+
+def test_micro_batcher_groups_concurrent_requests() -> None:
+    sizes: list[int] = []
+    threads: set[str] = set()
+
+    def work(items: list[int]) -> list[int]:
+        sizes.append(len(items))
+        threads.add(threading.current_thread().name)
+        return [i * 10 for i in items]
+
+    async def main() -> list[list[int]]:
+        batcher = MicroBatcher(work, BatchConfig(max_batch=8, max_wait_ms=50), ThreadPoolExecutor(1))
+        batcher.start()
+        try:
+            return await asyncio.gather(*[batcher.submit([i]) for i in range(20)])
+        finally:
+            await batcher.stop()
+
+    results = asyncio.run(main())
+    assert results == [[i * 10] for i in range(20)]
+    assert sum(sizes) == 20 and max(sizes) == 8 and len(sizes) <= 4  # 8 + 8 + 4, not 20 calls
+    assert len(threads) == 1
+
+
+def test_micro_batcher_delivers_errors_to_every_caller() -> None:
+    def boom(items: list[int]) -> list[int]:
+        raise ValueError("bad batch")
+
+    async def main() -> list:
+        batcher = MicroBatcher(boom, BatchConfig(max_batch=4, max_wait_ms=20), ThreadPoolExecutor(1))
+        batcher.start()
+        try:
+            return await asyncio.gather(*[batcher.submit([i]) for i in range(3)], return_exceptions=True)
+        finally:
+            await batcher.stop()
+
+    assert all(isinstance(r, ValueError) for r in asyncio.run(main()))
+
+
+def _ds(**tags: object) -> Dataset:
+    ds = Dataset()
+    ds.Modality = "DX"
+    for k, v in tags.items():
+        setattr(ds, k, v)
+    return ds
+
+
+@pytest.mark.parametrize(("tags", "expected"), [
+    ({}, None),
+    ({"BodyPartExamined": "CHEST"}, None),
+    ({"Modality": "CR"}, None),
+    ({"Modality": "CT"}, "Modality CT"),
+    ({"Modality": "Jane Doe's"}, "Modality unrecognised"),
+    ({"BodyPartExamined": "SKULL"}, "Body Part"),
+    ({"BurnedInAnnotation": "YES"}, "burned-in"),
+    ({"NumberOfFrames": 3}, "multi-frame"),
+])
+def test_dicom_scope_rules(tags: dict, expected: str | None) -> None:
+    reason = dicom_scope(_ds(**tags))
+    assert (reason is None) if expected is None else (expected in reason.detail and reason.code == "out-of-scope")
+
+
+def test_decoding_never_raises_and_sniffs_magic_bytes() -> None:
+    assert sniff_kind(b"\x89PNG\r\n\x1a\n....", "application/dicom") == "png"
+    assert sniff_kind(b"x" * 128 + b"DICM", None) == "dicom"
+    for junk in (b"", b"\xff\xd8\xff broken jpeg", b"\x89PNG\r\n\x1a\n broken", b"random"):
+        dec = decode_upload(junk, "image/png", max_pixels=10**6, key=b"k")
+        assert dec.image is None and dec.abstention.code == "undecodable"
+    bare = decode_upload(b"\x00" * 300, "application/dicom", max_pixels=10**6, key=b"k")
+    assert bare.kind == "dicom" and bare.abstention is not None
+
+
+def test_distance_gate_from_the_stores_own_neighbours(synthetic_store) -> None:
+    from cxr_embed.serve.engine import distance_gate
+
+    gate = distance_gate(synthetic_store, 1.0, 300)
+    loose = distance_gate(synthetic_store, 50.0, 300)
+    assert gate.sample == 300 and gate.threshold < loose.threshold <= 1.0
+    assert abs(loose.threshold - loose.median) < 1e-6
+    assert not gate.allows(gate.threshold - 1e-3) and gate.allows(gate.threshold) and not gate.allows(None)
+
+
+def test_key_ring_verifies_and_sees_revocation(tmp_path) -> None:
+    from cxr_embed.errors import ConfigError
+    from cxr_embed.serve.keys import KeyRing, add_key, revoke_key
+
+    path = tmp_path / "keys.json"
+    with pytest.raises(ConfigError, match="no active key"):
+        KeyRing(path)
+    entry, token = add_key(path)
+    ring = KeyRing(path)
+    assert ring.verify(token) == entry.id
+    assert ring.verify(token[:-1] + ("A" if token[-1] != "A" else "B")) is None
+    assert ring.verify(None) is None and ring.verify("Bearer junk") is None
+    revoke_key(path, entry.id)
+    assert ring.verify(token) is None
+    path.chmod(0o644)
+    with pytest.raises(ConfigError, match="chmod 600"):
+        KeyRing(path)
+
