@@ -247,7 +247,8 @@ def test_new_rows_are_served_without_restart(server) -> None:
         assert time.monotonic() < deadline, "the server did not pick up the new rows"
         time.sleep(0.5)
     hit = server["api"].post("/v1/search", json={"image_id": "late_1.png", "k": 2, "exclude_same_patient": False})
-    assert hit.status_code == 200 and hit.json()["results"][0]["neighbors"][0]["image_id"] == "late_1.png"
+    top = hit.json()["results"][0]["neighbors"]  # late_1 duplicates row 1's vector: the two tie at the top
+    assert hit.status_code == 200 and "late_1.png" in {n["image_id"] for n in top} and top[0]["similarity"] > 0.999
 
 
 def test_audit_has_one_row_per_call_and_no_canary_anywhere(server) -> None:
