@@ -19,8 +19,7 @@ from cxr_embed_cli.output import (
 
 KeysFileOpt = Annotated[Path, typer.Option("--keys", help="API key file (salted hashes only, mode 0600).")]
 
-serve_app = typer.Typer(
-                        invoke_without_command=True, no_args_is_help=False)
+serve_app = typer.Typer(invoke_without_command=True, no_args_is_help=False)
 keys_app = typer.Typer(help="Manage the API keys of `cxr-embed serve`.", no_args_is_help=True)
 serve_app.add_typer(keys_app, name="keys")
 
@@ -29,24 +28,52 @@ serve_app.add_typer(keys_app, name="keys")
 @handle_errors
 def serve(
     ctx: typer.Context,
-    store: Annotated[Path | None, typer.Option("--store", "-s", help="Store directory to serve.", envvar="CXR_EMBED_STORE")] = None,
-    host: Annotated[str, typer.Option("--host", help="Address to bind; anything but loopback needs --keys.")] = "127.0.0.1",
+    store: Annotated[
+        Path | None, typer.Option("--store", "-s", help="Store directory to serve.", envvar="CXR_EMBED_STORE")
+    ] = None,
+    host: Annotated[
+        str, typer.Option("--host", help="Address to bind; anything but loopback needs --keys.")
+    ] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", help="TCP port.")] = 8000,
-    classifier: Annotated[str | None, typer.Option("--classifier", "-c", help="Saved classifier for triage (e.g. logreg); "
-                                                   "without one the probability is the neighbours' kNN vote.")] = None,
-    workers: Annotated[int, typer.Option("--workers", min=1, help="Server processes (each loads the model).")] = 1,
+    classifier: Annotated[
+        str | None,
+        typer.Option(
+            "--classifier",
+            "-c",
+            help="Saved classifier for triage (e.g. logreg); "
+            "without one the probability is the neighbours' kNN vote.",
+        ),
+    ] = None,
+    workers: Annotated[
+        int, typer.Option("--workers", min=1, help="Server processes (each loads the model).")
+    ] = 1,
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = "fp32",
-    keys: Annotated[Path | None, typer.Option("--keys", help="API key file; every /v1 call then needs a Bearer key.")] = None,
+    keys: Annotated[
+        Path | None, typer.Option("--keys", help="API key file; every /v1 call then needs a Bearer key.")
+    ] = None,
     model_dir: ModelDirOpt = None,
-    link_file: Annotated[Path | None, typer.Option("--link-file", help="CSV/Parquet image_id,path: thumbnails on the page.")] = None,
+    link_file: Annotated[
+        Path | None, typer.Option("--link-file", help="CSV/Parquet image_id,path: thumbnails on the page.")
+    ] = None,
     k: Annotated[int, typer.Option("-k", "--k", min=1, help="Default number of neighbours.")] = 5,
-    max_batch: Annotated[int, typer.Option("--max-batch", min=1, help="Images per model forward (micro-batching).")] = 16,
-    max_wait_ms: Annotated[float, typer.Option("--max-wait-ms", min=0, help="How long a batch waits to fill.")] = 5.0,
+    max_batch: Annotated[
+        int, typer.Option("--max-batch", min=1, help="Images per model forward (micro-batching).")
+    ] = 16,
+    max_wait_ms: Annotated[
+        float, typer.Option("--max-wait-ms", min=0, help="How long a batch waits to fill.")
+    ] = 5.0,
     max_mb: Annotated[float, typer.Option("--max-mb", min=0.001, help="Largest request body.")] = 64.0,
-    timeout: Annotated[float, typer.Option("--timeout", min=0.1, help="Seconds a request may wait for the model.")] = 30.0,
-    ood_percentile: Annotated[float, typer.Option("--ood-percentile", help="Abstain below this percentile of the "
-                                                  "store's own nearest-neighbour similarities.")] = 1.0,
+    timeout: Annotated[
+        float, typer.Option("--timeout", min=0.1, help="Seconds a request may wait for the model.")
+    ] = 30.0,
+    ood_percentile: Annotated[
+        float,
+        typer.Option(
+            "--ood-percentile",
+            help="Abstain below this percentile of the store's own nearest-neighbour similarities.",
+        ),
+    ] = 1.0,
     log_level: Annotated[str, typer.Option("--log-level", help="debug, info, warning or error.")] = "info",
 ) -> None:
     """Serve a store over HTTP: POST /v1/triage, /v1/search, /v1/encode; GET /v1/store, /healthz, /readyz,
@@ -64,12 +91,28 @@ def serve(
 
     if store is None:
         raise ConfigError("Give the store to serve: cxr-embed serve --store DIR")
-    config = ServeConfig(store=store, model_dir=model_dir, classifier=classifier, host=host, port=port, workers=workers,
-                         device=device, precision=precision, keys=keys, link_file=link_file, k=k, max_batch=max_batch,
-                         max_wait_ms=max_wait_ms, max_bytes=int(max_mb * 2**20), timeout_s=timeout,
-                         ood_percentile=ood_percentile)
+    config = ServeConfig(
+        store=store,
+        model_dir=model_dir,
+        classifier=classifier,
+        host=host,
+        port=port,
+        workers=workers,
+        device=device,
+        precision=precision,
+        keys=keys,
+        link_file=link_file,
+        k=k,
+        max_batch=max_batch,
+        max_wait_ms=max_wait_ms,
+        max_bytes=int(max_mb * 2**20),
+        timeout_s=timeout,
+        ood_percentile=ood_percentile,
+    )
     config.check()
-    info(f"serving {store} on http://{host}:{port} ({'API keys from ' + str(keys) if keys else 'no API keys: loopback only'})")
+    info(
+        f"serving {store} on http://{host}:{port} ({'API keys from ' + str(keys) if keys else 'no API keys: loopback only'})"
+    )
     run(config, log_level=log_level)
 
 
@@ -97,18 +140,31 @@ def keys_list(keys: KeysFileOpt, as_json: JsonOpt = False) -> None:
     """The keys in the file (ids, labels, dates; never secrets)."""
     from cxr_embed.serve.keys import read_keys
 
-    rows = [{"id": k.id, "label": k.label, "created_at": k.created_at, "revoked_at": k.revoked_at,
-             "status": "active" if k.active else "revoked"} for k in read_keys(keys)]
+    rows = [
+        {
+            "id": k.id,
+            "label": k.label,
+            "created_at": k.created_at,
+            "revoked_at": k.revoked_at,
+            "status": "active" if k.active else "revoked",
+        }
+        for k in read_keys(keys)
+    ]
     if as_json:
         emit_json(rows)
         return
-    print_table(rows, title=f"API keys in {keys}", columns=("id", "label", "status", "created_at", "revoked_at"))
+    print_table(
+        rows, title=f"API keys in {keys}", columns=("id", "label", "status", "created_at", "revoked_at")
+    )
 
 
 @keys_app.command("revoke")
 @handle_errors
-def keys_revoke(key_id: Annotated[str, typer.Argument(help="Key id (from `keys list`).")], keys: KeysFileOpt,
-                as_json: JsonOpt = False) -> None:
+def keys_revoke(
+    key_id: Annotated[str, typer.Argument(help="Key id (from `keys list`).")],
+    keys: KeysFileOpt,
+    as_json: JsonOpt = False,
+) -> None:
     """Revoke a key; a running server refuses it within a second, no restart needed."""
     from cxr_embed.serve.keys import revoke_key
 

@@ -25,7 +25,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def make_dicom_bytes(pixels: np.ndarray, *, modality: str = "CR", body_part: str | None = "CHEST", **tags: object) -> bytes:
+def make_dicom_bytes(
+    pixels: np.ndarray, *, modality: str = "CR", body_part: str | None = "CHEST", **tags: object
+) -> bytes:
     """A Part-10 DICOM of 8-bit ``pixels`` carrying canary identifiers (name, ids, UIDs, birth date)."""
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian
@@ -75,10 +77,22 @@ class ServerProcess:
         return self.proc.pid
 
 
-def start_server(args: list[str], log: Path, env: dict[str, str] | None = None, timeout: float = 120.0) -> ServerProcess:
+def start_server(
+    args: list[str], log: Path, env: dict[str, str] | None = None, timeout: float = 120.0
+) -> ServerProcess:
     """Start ``cxr-embed serve ARGS --port <free>`` and wait until /healthz answers."""
     port = free_port()
-    cmd = [sys.executable, "-m", "cxr_embed_cli.main", "serve", *args, "--host", "127.0.0.1", "--port", str(port)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "cxr_embed_cli.main",
+        "serve",
+        *args,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+    ]
     fh = open(log, "wb")  # noqa: SIM115 - closed by the process lifetime
     proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
     url = f"http://127.0.0.1:{port}"

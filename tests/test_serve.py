@@ -7,7 +7,6 @@ file for the canary identifiers planted in the uploaded DICOMs.
 
 from __future__ import annotations
 
-import asyncio
 import io
 import json
 import shutil
@@ -46,8 +45,16 @@ def served(tmp_path_factory, tiny_store, synth_cxr14):
     meta = store.metadata(["image_id", "path", "patient_id"]).to_pylist()
     link = root / "link.csv"
     link.write_text("image_id,path\n" + "".join(f"{r['image_id']},{r['path']}\n" for r in meta))
-    return {"store": path, "keys": keys, "good": good, "revoked": revoked, "revoked_id": revoked_entry.id,
-            "rows": meta, "link": link, "root": root}
+    return {
+        "store": path,
+        "keys": keys,
+        "good": good,
+        "revoked": revoked,
+        "revoked_id": revoked_entry.id,
+        "rows": meta,
+        "link": link,
+        "root": root,
+    }
 
 
 class Recorder:
@@ -66,7 +73,9 @@ class Recorder:
             if response.request.url.path.startswith("/v1/") or response.request.url.path == "/lookup":
                 self.calls += 1
 
-        return httpx.Client(base_url=url, headers=headers, timeout=60, event_hooks={"response": [on_response]})
+        return httpx.Client(
+            base_url=url, headers=headers, timeout=60, event_hooks={"response": [on_response]}
+        )
 
 
 @pytest.fixture(scope="module")
@@ -75,12 +84,34 @@ def server(served):
 
     log = served["root"] / "server.log"
     proc = start_server(
-        ["--store", str(served["store"]), "--model-dir", str(tiny_model_dir()), "--keys", str(served["keys"]),
-         "--classifier", "lr", "--device", "cpu", "-k", str(K), "--link-file", str(served["link"])],
-        log, env={"CXR_EMBED_ID_SALT": SALT})
+        [
+            "--store",
+            str(served["store"]),
+            "--model-dir",
+            str(tiny_model_dir()),
+            "--keys",
+            str(served["keys"]),
+            "--classifier",
+            "lr",
+            "--device",
+            "cpu",
+            "-k",
+            str(K),
+            "--link-file",
+            str(served["link"]),
+        ],
+        log,
+        env={"CXR_EMBED_ID_SALT": SALT},
+    )
     recorder = Recorder()
-    yield {"proc": proc, "url": proc.url, "rec": recorder, "api": recorder.client(proc.url, served["good"]),
-           "log": log, **served}
+    yield {
+        "proc": proc,
+        "url": proc.url,
+        "rec": recorder,
+        "api": recorder.client(proc.url, served["good"]),
+        "log": log,
+        **served,
+    }
     proc.stop()
 
 
@@ -102,7 +133,9 @@ def test_health_is_open_and_ready(server) -> None:
 
 def test_triage_png_returns_probability_decisions_and_neighbours(server) -> None:
     row = server["rows"][0]
-    res = server["api"].post("/v1/triage", content=png_bytes(row["path"]), headers={"Content-Type": "image/png"})
+    res = server["api"].post(
+        "/v1/triage", content=png_bytes(row["path"]), headers={"Content-Type": "image/png"}
+    )
     assert res.status_code == 200, res.text
     doc = res.json()
     item = doc["results"][0]
@@ -110,18 +143,32 @@ def test_triage_png_returns_probability_decisions_and_neighbours(server) -> None
     assert item["probability_source"] == "classifier"
     assert set(item["decisions"]) == set(doc["classifier"]["thresholds"]) and item["decisions"]
     assert doc["classifier"]["name"] == "lr" and doc["classifier"]["run_id"].startswith("classify")
-    assert len(doc["classifier"]["sha256"]) == 64 and doc["model"]["model_id"] == "cxr-embed-tiny-parity-fixture"
+    assert (
+        len(doc["classifier"]["sha256"]) == 64 and doc["model"]["model_id"] == "cxr-embed-tiny-parity-fixture"
+    )
     assert len(item["neighbors"]) == K
     top = item["neighbors"][0]
     assert top["image_id"] == row["image_id"] and top["similarity"] > 0.999  # the same file is stored
-    assert set(top) == {"rank", "image_id", "patient_id", "similarity", "label", "findings", "view"}  # no path
+    assert set(top) == {
+        "rank",
+        "image_id",
+        "patient_id",
+        "similarity",
+        "label",
+        "findings",
+        "view",
+    }  # no path
     assert doc["distance_gate"]["sample"] > 0 and -1 <= doc["distance_gate"]["threshold"] <= 1
 
 
 def test_triage_excludes_the_given_patient(server) -> None:
     row = server["rows"][0]
-    res = server["api"].post("/v1/triage", params={"patient_id": row["patient_id"], "k": 6},
-                             content=png_bytes(row["path"]), headers={"Content-Type": "image/png"})
+    res = server["api"].post(
+        "/v1/triage",
+        params={"patient_id": row["patient_id"], "k": 6},
+        content=png_bytes(row["path"]),
+        headers={"Content-Type": "image/png"},
+    )
     item = res.json()["results"][0]
     assert item["patient_excluded"] is True and len(item["neighbors"]) == 6
     assert all(n["patient_id"] != row["patient_id"] for n in item["neighbors"])
@@ -160,7 +207,9 @@ def test_multipart_mixes_answers_and_abstentions(server) -> None:
 
 
 def test_single_garbage_body_abstains_without_traceback(server) -> None:
-    res = server["api"].post("/v1/triage", content=b"not an image at all", headers={"Content-Type": "image/png"})
+    res = server["api"].post(
+        "/v1/triage", content=b"not an image at all", headers={"Content-Type": "image/png"}
+    )
     assert res.status_code == 200
     item = res.json()["results"][0]
     assert item["abstain"] is True and item["reason"]["code"] == "undecodable"
@@ -211,7 +260,10 @@ def _stored_vector(store_path: Path, image_id: str) -> np.ndarray:
 
 def test_limits(server) -> None:
     api = server["api"]
-    assert api.post("/v1/triage", params={"k": 1000}, content=png_bytes(server["rows"][0]["path"])).status_code == 422
+    assert (
+        api.post("/v1/triage", params={"k": 1000}, content=png_bytes(server["rows"][0]["path"])).status_code
+        == 422
+    )
     huge = Image.new("L", (8000, 7000))
     buf = io.BytesIO()
     huge.save(buf, format="PNG")
@@ -224,10 +276,19 @@ def test_metrics_parse_as_prometheus_text(server) -> None:
 
     text = httpx.get(f"{server['url']}/metrics").text
     families = {f.name: f for f in text_string_to_metric_families(text)}
-    assert {"cxr_serve_requests", "cxr_serve_request_seconds", "cxr_serve_batch_size", "cxr_serve_errors",
-            "cxr_serve_abstentions", "cxr_serve_store_rows"} <= set(families)
-    triage_ok = [s for s in families["cxr_serve_requests"].samples
-                 if s.labels.get("endpoint") == "/v1/triage" and s.labels.get("status") == "200"]
+    assert {
+        "cxr_serve_requests",
+        "cxr_serve_request_seconds",
+        "cxr_serve_batch_size",
+        "cxr_serve_errors",
+        "cxr_serve_abstentions",
+        "cxr_serve_store_rows",
+    } <= set(families)
+    triage_ok = [
+        s
+        for s in families["cxr_serve_requests"].samples
+        if s.labels.get("endpoint") == "/v1/triage" and s.labels.get("status") == "200"
+    ]
     assert triage_ok and triage_ok[0].value >= 5
     assert any(s.labels.get("code") == "out-of-scope" for s in families["cxr_serve_abstentions"].samples)
 
@@ -238,17 +299,28 @@ def test_new_rows_are_served_without_restart(server) -> None:
     store = Store.open(server["store"])
     emb = store.embeddings()[:2]
     rows = [{"image_id": f"late_{i}.png", "patient_id": f"late{i}", "label": 1} for i in range(2)]
-    with StoreWriter(store.path, model_id=store.model_id, checkpoint_sha256=store.checkpoint_sha256,
-                     preprocess_fingerprint=store.preprocess_fingerprint, dim=store.dim) as writer:
+    with StoreWriter(
+        store.path,
+        model_id=store.model_id,
+        checkpoint_sha256=store.checkpoint_sha256,
+        preprocess_fingerprint=store.preprocess_fingerprint,
+        dim=store.dim,
+    ) as writer:
         writer.append(rows, emb)
         writer.finalize()
     deadline = time.monotonic() + 15
     while server["api"].get("/v1/store").json()["rows"] != 42:
         assert time.monotonic() < deadline, "the server did not pick up the new rows"
         time.sleep(0.5)
-    hit = server["api"].post("/v1/search", json={"image_id": "late_1.png", "k": 2, "exclude_same_patient": False})
+    hit = server["api"].post(
+        "/v1/search", json={"image_id": "late_1.png", "k": 2, "exclude_same_patient": False}
+    )
     top = hit.json()["results"][0]["neighbors"]  # late_1 duplicates row 1's vector: the two tie at the top
-    assert hit.status_code == 200 and "late_1.png" in {n["image_id"] for n in top} and top[0]["similarity"] > 0.999
+    assert (
+        hit.status_code == 200
+        and "late_1.png" in {n["image_id"] for n in top}
+        and top[0]["similarity"] > 0.999
+    )
 
 
 def test_audit_has_one_row_per_call_and_no_canary_anywhere(server) -> None:
@@ -259,7 +331,9 @@ def test_audit_has_one_row_per_call_and_no_canary_anywhere(server) -> None:
     assert rc == 0, server["log"].read_text()
     audit = run_query(Store.open(server["store"]), "SELECT * FROM audit ORDER BY time").to_pylist()
     assert len(audit) == server["rec"].calls
-    assert sum(r["status"] == 401 for r in audit) == 3 and {r["key_id"] for r in audit if r["status"] == 401} == {None}
+    assert sum(r["status"] == 401 for r in audit) == 3 and {
+        r["key_id"] for r in audit if r["status"] == 401
+    } == {None}
     triage = [r for r in audit if r["endpoint"] == "/v1/triage" and r["status"] == 200]
     assert all(r["model_id"] == "cxr-embed-tiny-parity-fixture" and r["classifier"] == "lr" for r in triage)
     assert all(len(r["checkpoint_sha256"]) == 64 and json.loads(r["thresholds"]) for r in triage)

@@ -59,19 +59,26 @@ def _ds(**tags: object) -> Dataset:
     return ds
 
 
-@pytest.mark.parametrize(("tags", "expected"), [
-    ({}, None),
-    ({"BodyPartExamined": "CHEST"}, None),
-    ({"Modality": "CR"}, None),
-    ({"Modality": "CT"}, "Modality CT"),
-    ({"Modality": "Jane Doe's"}, "Modality unrecognised"),
-    ({"BodyPartExamined": "SKULL"}, "Body Part"),
-    ({"BurnedInAnnotation": "YES"}, "burned-in"),
-    ({"NumberOfFrames": 3}, "multi-frame"),
-])
+@pytest.mark.parametrize(
+    ("tags", "expected"),
+    [
+        ({}, None),
+        ({"BodyPartExamined": "CHEST"}, None),
+        ({"Modality": "CR"}, None),
+        ({"Modality": "CT"}, "Modality CT"),
+        ({"Modality": "Jane Doe's"}, "Modality unrecognised"),
+        ({"BodyPartExamined": "SKULL"}, "Body Part"),
+        ({"BurnedInAnnotation": "YES"}, "burned-in"),
+        ({"NumberOfFrames": 3}, "multi-frame"),
+    ],
+)
 def test_dicom_scope_rules(tags: dict, expected: str | None) -> None:
     reason = dicom_scope(_ds(**tags))
-    assert (reason is None) if expected is None else (expected in reason.detail and reason.code == "out-of-scope")
+    assert (
+        (reason is None)
+        if expected is None
+        else (expected in reason.detail and reason.code == "out-of-scope")
+    )
 
 
 def test_decoding_never_raises_and_sniffs_magic_bytes() -> None:
@@ -111,4 +118,3 @@ def test_key_ring_verifies_and_sees_revocation(tmp_path) -> None:
     path.chmod(0o644)
     with pytest.raises(ConfigError, match="chmod 600"):
         KeyRing(path)
-

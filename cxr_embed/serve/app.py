@@ -32,7 +32,17 @@ from cxr_embed.serve.uploads import Upload, read_body, read_uploads
 
 log = logging.getLogger("cxr_embed.serve")
 
-ROUTES = ("/v1/triage", "/v1/search", "/v1/encode", "/v1/store", "/healthz", "/readyz", "/metrics", "/", "/lookup")
+ROUTES = (
+    "/v1/triage",
+    "/v1/search",
+    "/v1/encode",
+    "/v1/store",
+    "/healthz",
+    "/readyz",
+    "/metrics",
+    "/",
+    "/lookup",
+)
 AUDITED = ("/v1/", "/lookup")
 
 
@@ -54,8 +64,11 @@ class Service:
             return "none"
         key_id = self.keys.verify(token)
         if key_id is None:
-            raise HTTPException(401, "Missing, unknown or revoked API key: send 'Authorization: Bearer <key>'.",
-                                headers={"WWW-Authenticate": "Bearer"})
+            raise HTTPException(
+                401,
+                "Missing, unknown or revoked API key: send 'Authorization: Bearer <key>'.",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
         return key_id
 
     def decode(self, uploads: list[Upload]) -> list[tuple[DecodedUpload, Any]]:
@@ -66,14 +79,21 @@ class Service:
             out.append((dec, None if dec.image is None else self.engine.model.preprocessor(dec.image)))
         return out
 
-    async def answer(self, decoded: list[tuple[DecodedUpload, Any]], k: int, patient: str | None) -> list[ImageAnswer | None]:
+    async def answer(
+        self, decoded: list[tuple[DecodedUpload, Any]], k: int, patient: str | None
+    ) -> list[ImageAnswer | None]:
         """Micro-batched answers for the decodable inputs (None for the rest), within the request timeout."""
         queries = [ImageQuery(t, k, d.patient or patient) for d, t in decoded if t is not None]
         try:
-            answers = await asyncio.wait_for(self.batcher.submit(queries), self.config.timeout_s) if queries else []
+            answers = (
+                await asyncio.wait_for(self.batcher.submit(queries), self.config.timeout_s) if queries else []
+            )
         except asyncio.TimeoutError:
-            raise HTTPException(504, f"The model did not answer within {self.config.timeout_s:g} s; the server is "
-                                     "overloaded, retry later.") from None
+            raise HTTPException(
+                504,
+                f"The model did not answer within {self.config.timeout_s:g} s; the server is "
+                "overloaded, retry later.",
+            ) from None
         it = iter(answers)
         return [next(it) if t is not None else None for _, t in decoded]
 
@@ -97,15 +117,32 @@ def require_key(request: Request) -> str:
 
 def neighbor_json(n: Any) -> dict[str, Any]:
     """A neighbour as the API shows it: pseudonymous ids, never the stored file path."""
-    return {"rank": n.rank, "image_id": n.image_id, "patient_id": n.patient_id, "similarity": round(n.similarity, 6),
-            "label": n.label, "findings": list(n.findings) if n.findings is not None else None, "view": n.view}
+    return {
+        "rank": n.rank,
+        "image_id": n.image_id,
+        "patient_id": n.patient_id,
+        "similarity": round(n.similarity, 6),
+        "label": n.label,
+        "findings": list(n.findings) if n.findings is not None else None,
+        "view": n.view,
+    }
 
 
 def triage_item(svc: Service, index: int, dec: DecodedUpload, ans: ImageAnswer | None) -> dict[str, Any]:
     """One file's answer: probability and decisions, or ``abstain`` with a reason; neighbours either way."""
-    item: dict[str, Any] = {"index": index, "input": {"kind": dec.kind, "bytes": dec.size}, "query_id": dec.query_id,
-                            "patient_excluded": False, "abstain": False, "reason": None, "probability": None,
-                            "probability_source": None, "decisions": {}, "nearest_similarity": None, "neighbors": []}
+    item: dict[str, Any] = {
+        "index": index,
+        "input": {"kind": dec.kind, "bytes": dec.size},
+        "query_id": dec.query_id,
+        "patient_excluded": False,
+        "abstain": False,
+        "reason": None,
+        "probability": None,
+        "probability_source": None,
+        "decisions": {},
+        "nearest_similarity": None,
+        "neighbors": [],
+    }
     if dec.abstention is not None or ans is None:
         reason = dec.abstention
         item.update(abstain=True, reason={"code": reason.code, "detail": reason.detail} if reason else None)
@@ -113,19 +150,32 @@ def triage_item(svc: Service, index: int, dec: DecodedUpload, ans: ImageAnswer |
     result = ans.neighbors
     neighbors = result.neighbors if result is not None else []
     nearest = neighbors[0].similarity if neighbors else None
-    item.update(neighbors=[neighbor_json(n) for n in neighbors], nearest_similarity=nearest,
-                patient_excluded=result is not None and result.excluded_patient is not None)
+    item.update(
+        neighbors=[neighbor_json(n) for n in neighbors],
+        nearest_similarity=nearest,
+        patient_excluded=result is not None and result.excluded_patient is not None,
+    )
     gate = svc.engine.gate
     if not gate.allows(nearest):
         shown = "none" if nearest is None else f"{nearest:.3f}"
-        item.update(abstain=True, reason={"code": "out-of-distribution", "detail": (
-            f"the most similar stored case has similarity {shown}, below this store's threshold {gate.threshold:.3f} "
-            f"(the {gate.percentile:g}th percentile of stored cases' similarity to their nearest other-patient case)")})
+        item.update(
+            abstain=True,
+            reason={
+                "code": "out-of-distribution",
+                "detail": (
+                    f"the most similar stored case has similarity {shown}, below this store's threshold {gate.threshold:.3f} "
+                    f"(the {gate.percentile:g}th percentile of stored cases' similarity to their nearest other-patient case)"
+                ),
+            },
+        )
         return item
     clf = svc.engine.classifier
     if clf is not None:
-        item.update(probability=ans.probability, probability_source="classifier",
-                    decisions={name: bool(ans.probability >= thr) for name, thr in clf.thresholds.items()})
+        item.update(
+            probability=ans.probability,
+            probability_source="classifier",
+            decisions={name: bool(ans.probability >= thr) for name, thr in clf.thresholds.items()},
+        )
     elif result is not None:
         item.update(probability=result.probability_abnormal, probability_source="knn-vote")
     return item
@@ -159,10 +209,20 @@ def create_app(config: ServeConfig, *, engine: Engine | None = None) -> FastAPI:
     engine = engine or Engine(config)
     metrics = make_metrics()
     batcher: MicroBatcher[ImageQuery, ImageAnswer] = MicroBatcher(
-        engine.run_images, BatchConfig(config.max_batch, config.max_wait_ms), engine.executor,
-        on_batch=lambda n, s: (metrics.batch_size.observe(n), metrics.batch_seconds.observe(s)))
-    svc = Service(config, engine, batcher, AuditLog(engine.store.path), metrics,
-                  KeyRing(config.keys) if config.keys is not None else None, id_key())
+        engine.run_images,
+        BatchConfig(config.max_batch, config.max_wait_ms),
+        engine.executor,
+        on_batch=lambda n, s: (metrics.batch_size.observe(n), metrics.batch_seconds.observe(s)),
+    )
+    svc = Service(
+        config,
+        engine,
+        batcher,
+        AuditLog(engine.store.path),
+        metrics,
+        KeyRing(config.keys) if config.keys is not None else None,
+        id_key(),
+    )
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -175,17 +235,28 @@ def create_app(config: ServeConfig, *, engine: Engine | None = None) -> FastAPI:
             await batcher.stop()
             await run_in_threadpool(svc.audit.flush)
 
-    app = FastAPI(title="cxr-embed triage service", version="1", lifespan=lifespan,
-                  description="Chest X-ray triage, similar-case search and embeddings over a cxr-embed store.")
+    app = FastAPI(
+        title="cxr-embed triage service",
+        version="1",
+        lifespan=lifespan,
+        description="Chest X-ray triage, similar-case search and embeddings over a cxr-embed store.",
+    )
     app.state.service = svc
 
     @app.middleware("http")
     async def audit_and_measure(request: Request, call_next: Any) -> Response:
         path = request.url.path
-        rec = AuditRecord(endpoint=path, model_id=engine.model.model_id, checkpoint_sha256=engine.model.checkpoint_sha256)
+        rec = AuditRecord(
+            endpoint=path, model_id=engine.model.model_id, checkpoint_sha256=engine.model.checkpoint_sha256
+        )
         if engine.classifier is not None:
             clf = engine.classifier
-            rec.classifier, rec.classifier_run, rec.classifier_sha256, rec.thresholds = clf.name, clf.run_id, clf.sha256, clf.thresholds
+            rec.classifier, rec.classifier_run, rec.classifier_sha256, rec.thresholds = (
+                clf.name,
+                clf.run_id,
+                clf.sha256,
+                clf.thresholds,
+            )
         request.state.audit = rec
         start = time.perf_counter()
         try:
@@ -194,7 +265,9 @@ def create_app(config: ServeConfig, *, engine: Engine | None = None) -> FastAPI:
             log.error("internal error on %s: %s", path, type(exc).__name__, exc_info=True)
             metrics.errors.labels("internal").inc()
             rec.error = rec.error or f"internal:{type(exc).__name__}"
-            response = JSONResponse({"detail": "Internal error; the server log has the details."}, status_code=500)
+            response = JSONResponse(
+                {"detail": "Internal error; the server log has the details."}, status_code=500
+            )
         elapsed = time.perf_counter() - start
         endpoint = path if path in ROUTES else "other"
         metrics.requests.labels(endpoint, str(response.status_code)).inc()
@@ -228,7 +301,9 @@ async def _flush_every(audit: AuditLog, seconds: float) -> None:
             log.exception("audit flush failed")
 
 
-async def triage_uploads(svc: Service, rec: AuditRecord, uploads: list[Upload], k: int, patient: str | None) -> list[dict]:
+async def triage_uploads(
+    svc: Service, rec: AuditRecord, uploads: list[Upload], k: int, patient: str | None
+) -> list[dict]:
     """The triage pipeline shared by ``POST /v1/triage`` and the page."""
     decoded = await run_in_threadpool(svc.decode, uploads)
     _note_inputs(rec, decoded)
@@ -246,15 +321,21 @@ def _routes(app: FastAPI, svc: Service) -> None:
     engine, config = svc.engine, svc.config
 
     def header() -> dict[str, Any]:
-        return {"model": {"model_id": engine.model.model_id, "checkpoint_sha256": engine.model.checkpoint_sha256},
-                "classifier": engine.classifier.describe() if engine.classifier else None,
-                "distance_gate": engine.gate.describe(), "store_rows": len(engine.store)}
+        return {
+            "model": {"model_id": engine.model.model_id, "checkpoint_sha256": engine.model.checkpoint_sha256},
+            "classifier": engine.classifier.describe() if engine.classifier else None,
+            "distance_gate": engine.gate.describe(),
+            "store_rows": len(engine.store),
+        }
 
     async def uploads_of(request: Request) -> tuple[list[Upload], dict[str, str]]:
         files, fields = await read_uploads(request, max_bytes=config.max_bytes, max_files=config.max_files)
         if not files:
-            raise HTTPException(400, "No image in the request: send one file as the body (application/dicom, "
-                                     "image/png, image/jpeg) or several as multipart/form-data.")
+            raise HTTPException(
+                400,
+                "No image in the request: send one file as the body (application/dicom, "
+                "image/png, image/jpeg) or several as multipart/form-data.",
+            )
         return files, fields
 
     @app.get("/healthz", tags=["ops"])
@@ -281,8 +362,9 @@ def _routes(app: FastAPI, svc: Service) -> None:
         return await run_in_threadpool(engine.describe)
 
     @app.post("/v1/triage", tags=["api"])
-    async def triage(request: Request, k: int | None = None, patient_id: str | None = None,
-                     _: str = Depends(require_key)) -> dict[str, Any]:
+    async def triage(
+        request: Request, k: int | None = None, patient_id: str | None = None, _: str = Depends(require_key)
+    ) -> dict[str, Any]:
         """Probability of abnormal, decision at each operating point and the k most similar stored cases per image.
 
         Body: one file (``application/dicom``, ``image/png``, ``image/jpeg``) or ``multipart/form-data`` with
@@ -290,7 +372,9 @@ def _routes(app: FastAPI, svc: Service) -> None:
         images from the neighbours; a DICOM's own Patient ID is pseudonymised and used automatically.
         """
         files, fields = await uploads_of(request)
-        items = await triage_uploads(svc, request.state.audit, files, _k(svc, k), patient_id or fields.get("patient_id"))
+        items = await triage_uploads(
+            svc, request.state.audit, files, _k(svc, k), patient_id or fields.get("patient_id")
+        )
         return {**header(), "results": items}
 
     @app.post("/v1/search", tags=["api"])
@@ -310,13 +394,26 @@ def _routes(app: FastAPI, svc: Service) -> None:
                 result = (await _in_model_thread(engine.search_ids, [query["image_id"]], kk, exclude))[0]
             else:
                 raise HTTPException(422, 'Give {"text": "..."} or {"image_id": "..."} (or send an image).')
-            rec.decision = "knn:n/a" if result.probability_abnormal is None else f"knn:{result.probability_abnormal:.3f}"
-            return {**header(), "results": [{"index": 0, "abstain": False, "neighbors": [neighbor_json(n) for n in result],
-                                             "knn_probability": result.probability_abnormal}]}
+            rec.decision = (
+                "knn:n/a" if result.probability_abnormal is None else f"knn:{result.probability_abnormal:.3f}"
+            )
+            return {
+                **header(),
+                "results": [
+                    {
+                        "index": 0,
+                        "abstain": False,
+                        "neighbors": [neighbor_json(n) for n in result],
+                        "knn_probability": result.probability_abnormal,
+                    }
+                ],
+            }
         files, fields = await uploads_of(request)
         items = await triage_uploads(svc, rec, files, _k(svc, k), fields.get("patient_id"))
         for item in items:
-            item["knn_probability"] = item.pop("probability") if item.pop("probability_source") == "knn-vote" else None
+            item["knn_probability"] = (
+                item.pop("probability") if item.pop("probability_source") == "knn-vote" else None
+            )
             item.pop("decisions")
         return {**header(), "results": items}
 
@@ -330,7 +427,12 @@ def _routes(app: FastAPI, svc: Service) -> None:
                 raise HTTPException(422, 'Give {"texts": ["...", ...]} (or send images).')
             rec.input_kind, rec.inputs = "text", len(texts)
             vectors = await _in_model_thread(engine.encode_texts, texts)
-            return {**header(), "results": [{"index": i, "abstain": False, "embedding": v.tolist()} for i, v in enumerate(vectors)]}
+            return {
+                **header(),
+                "results": [
+                    {"index": i, "abstain": False, "embedding": v.tolist()} for i, v in enumerate(vectors)
+                ],
+            }
         files, _fields = await uploads_of(request)
         decoded = await run_in_threadpool(svc.decode, files)
         _note_inputs(rec, decoded)
@@ -338,9 +440,15 @@ def _routes(app: FastAPI, svc: Service) -> None:
         out = []
         for i, ((dec, _), ans) in enumerate(zip(decoded, answers, strict=True)):
             reason = dec.abstention
-            out.append({"index": i, "abstain": ans is None, "input": {"kind": dec.kind, "bytes": dec.size},
-                        "reason": {"code": reason.code, "detail": reason.detail} if reason else None,
-                        "embedding": None if ans is None else ans.vector.tolist()})
+            out.append(
+                {
+                    "index": i,
+                    "abstain": ans is None,
+                    "input": {"kind": dec.kind, "bytes": dec.size},
+                    "reason": {"code": reason.code, "detail": reason.detail} if reason else None,
+                    "embedding": None if ans is None else ans.vector.tolist(),
+                }
+            )
         rec.abstained = sum(o["abstain"] for o in out)
         return {**header(), "results": out}
 

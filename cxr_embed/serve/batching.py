@@ -31,8 +31,13 @@ class BatchConfig:
 class MicroBatcher(Generic[T, R]):
     """Collects items from many coroutines into calls of ``fn(list[T]) -> list[R]``."""
 
-    def __init__(self, fn: Callable[[list[T]], Sequence[R]], config: BatchConfig,
-                 executor: ThreadPoolExecutor, on_batch: Callable[[int, float], None] | None = None):
+    def __init__(
+        self,
+        fn: Callable[[list[T]], Sequence[R]],
+        config: BatchConfig,
+        executor: ThreadPoolExecutor,
+        on_batch: Callable[[int, float], None] | None = None,
+    ):
         self.fn = fn
         self.config = config
         self.executor = executor
@@ -77,7 +82,9 @@ class MicroBatcher(Generic[T, R]):
                     batch.append(await asyncio.wait_for(self._queue.get(), remaining))
                 except asyncio.TimeoutError:
                     break
-            live = [(item, fut) for item, fut in batch if not fut.done()]  # timed-out callers cancelled theirs
+            live = [
+                (item, fut) for item, fut in batch if not fut.done()
+            ]  # timed-out callers cancelled theirs
             if not live:
                 continue
             start = time.perf_counter()

@@ -44,9 +44,11 @@ class ServeConfig:
     def check(self) -> None:
         """Refuse settings that would expose patients' data: a non-loopback bind without keys."""
         if self.keys is None and not is_loopback(self.host):
-            raise ConfigError(f"Refusing to listen on {self.host} without API keys: anyone who can reach it could "
-                              "query the store. Make a key (`cxr-embed serve keys add --keys FILE`) and pass --keys "
-                              "FILE, or bind to 127.0.0.1.")
+            raise ConfigError(
+                f"Refusing to listen on {self.host} without API keys: anyone who can reach it could "
+                "query the store. Make a key (`cxr-embed serve keys add --keys FILE`) and pass --keys "
+                "FILE, or bind to 127.0.0.1."
+            )
         if not 0 <= self.ood_percentile <= 100:
             raise ConfigError(f"--ood-percentile must be in [0, 100] (got {self.ood_percentile}).")
         if self.k < 1 or self.max_batch < 1 or self.workers < 1:

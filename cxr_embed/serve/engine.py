@@ -54,15 +54,21 @@ class DistanceGate:
         return nearest_similarity is not None and nearest_similarity >= self.threshold
 
     def describe(self) -> dict[str, float | int]:
-        return {"threshold": self.threshold, "percentile": self.percentile, "sample": self.sample,
-                "median_nearest_similarity": self.median}
+        return {
+            "threshold": self.threshold,
+            "percentile": self.percentile,
+            "sample": self.sample,
+            "median_nearest_similarity": self.median,
+        }
 
 
 def distance_gate(store: Store, percentile: float, sample: int, seed: int = 0) -> DistanceGate:
     """The gate from ``sample`` stored rows' similarity to their nearest other-patient case (see module doc)."""
     n = len(store)
     if n < 2:
-        return DistanceGate(-1.0, percentile, 0, float("nan"))  # nothing to compare with: never abstain on distance
+        return DistanceGate(
+            -1.0, percentile, 0, float("nan")
+        )  # nothing to compare with: never abstain on distance
     rows = np.sort(np.random.default_rng(seed).choice(n, size=min(n, sample), replace=False))
     patients = store.metadata(["patient_id"]).column("patient_id").to_pylist()
     from cxr_embed.indexes import reconstruct_rows
@@ -79,7 +85,9 @@ def distance_gate(store: Store, percentile: float, sample: int, seed: int = 0) -
     if not nearest:
         return DistanceGate(-1.0, percentile, 0, float("nan"))
     values = np.asarray(nearest)
-    return DistanceGate(float(np.percentile(values, percentile)), percentile, len(values), float(np.median(values)))
+    return DistanceGate(
+        float(np.percentile(values, percentile)), percentile, len(values), float(np.median(values))
+    )
 
 
 @dataclass(frozen=True)
@@ -115,10 +123,17 @@ class Engine:
         self._stamp = _stamp(self._store.path / MANIFEST)
         self._checked = time.monotonic()
         self._lock = threading.Lock()
-        self.model = model if model is not None else seams.load_model(
-            self._store, config.model_dir, device=config.device, precision=config.precision)
+        self.model = (
+            model
+            if model is not None
+            else seams.load_model(
+                self._store, config.model_dir, device=config.device, precision=config.precision
+            )
+        )
         if model is not None:
-            self._store.check_compatible(model.model_id, model.checkpoint_sha256, model.preprocessor.fingerprint())
+            self._store.check_compatible(
+                model.model_id, model.checkpoint_sha256, model.preprocessor.fingerprint()
+            )
         self.classifier = seams.load_classifier(self._store, config.classifier) if config.classifier else None
         self.gate = distance_gate(self._store, config.ood_percentile, config.ood_sample)
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="cxr-serve-model")
@@ -143,7 +158,9 @@ class Engine:
             return
         try:
             fresh = Store.open(self._store.path)
-        except StoreError as exc:  # mid-index: shards ahead of the FAISS index; keep answering from the old one
+        except (
+            StoreError
+        ) as exc:  # mid-index: shards ahead of the FAISS index; keep answering from the old one
             log.info("store changed but is not consistent yet, keeping %d rows: %s", len(self._store), exc)
             return
         gate = distance_gate(fresh, self.config.ood_percentile, self.config.ood_sample)
@@ -154,11 +171,17 @@ class Engine:
         """``GET /v1/store``: what answers come from (no paths, no rows)."""
         store = self.store
         return {
-            "model_id": store.model_id, "checkpoint_sha256": store.checkpoint_sha256,
-            "preprocess_fingerprint": store.preprocess_fingerprint, "dim": store.dim, "rows": len(store),
-            "index_kind": store.index_kind, "classifiers": seams.saved_classifiers(store),
+            "model_id": store.model_id,
+            "checkpoint_sha256": store.checkpoint_sha256,
+            "preprocess_fingerprint": store.preprocess_fingerprint,
+            "dim": store.dim,
+            "rows": len(store),
+            "index_kind": store.index_kind,
+            "classifiers": seams.saved_classifiers(store),
             "serving_classifier": self.classifier.describe() if self.classifier else None,
-            "distance_gate": self.gate.describe(), "device": str(self.model.device), "precision": self.model.precision,
+            "distance_gate": self.gate.describe(),
+            "device": str(self.model.device),
+            "precision": self.model.precision,
         }
 
     # -- work (executor thread only)
@@ -174,10 +197,14 @@ class Engine:
         found: dict[int, retrieval.SearchResult] = {}
         if wanted and len(store):
             k = max(items[i].k for i in wanted)
-            results = retrieval.search(store, vectors[wanted], k, None, [items[i].exclude_patient for i in wanted])
+            results = retrieval.search(
+                store, vectors[wanted], k, None, [items[i].exclude_patient for i in wanted]
+            )
             found = {i: _first(r, items[i].k) for i, r in zip(wanted, results, strict=True)}
-        return [ImageAnswer(vectors[i], None if probs is None else float(probs[i]), found.get(i))
-                for i in range(len(items))]
+        return [
+            ImageAnswer(vectors[i], None if probs is None else float(probs[i]), found.get(i))
+            for i in range(len(items))
+        ]
 
     def search_texts(self, texts: list[str], k: int) -> list[retrieval.SearchResult]:
         store = self.store
@@ -187,7 +214,9 @@ class Engine:
     def encode_texts(self, texts: list[str]) -> np.ndarray:
         return self.model.encode_texts(texts).numpy()
 
-    def search_ids(self, image_ids: list[str], k: int, exclude_same_patient: bool) -> list[retrieval.SearchResult]:
+    def search_ids(
+        self, image_ids: list[str], k: int, exclude_same_patient: bool
+    ) -> list[retrieval.SearchResult]:
         return retrieval.search_by_ids(self.store, image_ids, k, None, exclude_same_patient)
 
 
@@ -197,4 +226,6 @@ def _first(result: retrieval.SearchResult, k: int) -> retrieval.SearchResult:
         return result
     kept = result.neighbors[:k]
     vote = retrieval.knn_vote([n.similarity for n in kept], [n.label for n in kept])
-    return retrieval.SearchResult(kept, vote, result.strategy, result.candidates, result.query, result.excluded_patient)
+    return retrieval.SearchResult(
+        kept, vote, result.strategy, result.candidates, result.query, result.excluded_patient
+    )

@@ -65,8 +65,10 @@ def read_keys(path: str | Path) -> list[ApiKey]:
         doc = json.loads(p.read_text())
         return [ApiKey(**k) for k in doc["keys"]]
     except (ValueError, KeyError, TypeError) as exc:
-        raise ConfigError(f"API key file {p} is not a cxr-embed key file ({exc}). Make one with "
-                          "`cxr-embed serve keys add --keys FILE`.") from None
+        raise ConfigError(
+            f"API key file {p} is not a cxr-embed key file ({exc}). Make one with "
+            "`cxr-embed serve keys add --keys FILE`."
+        ) from None
 
 
 def _write(path: Path, keys: list[ApiKey]) -> None:
@@ -110,8 +112,10 @@ class KeyRing:
         self._keys: dict[str, ApiKey] = {}
         self._refresh()
         if not any(k.active for k in self._keys.values()):
-            raise ConfigError(f"API key file {self.path} has no active key; add one with "
-                              f"`cxr-embed serve keys add --keys {self.path}`.")
+            raise ConfigError(
+                f"API key file {self.path} has no active key; add one with "
+                f"`cxr-embed serve keys add --keys {self.path}`."
+            )
 
     def _refresh(self) -> None:
         try:

@@ -34,14 +34,36 @@ def make_metrics() -> ServeMetrics:
     reg = CollectorRegistry()
     return ServeMetrics(
         registry=reg,
-        requests=Counter("cxr_serve_requests", "API requests by endpoint and HTTP status.", ["endpoint", "status"], registry=reg),
-        latency=Histogram("cxr_serve_request_seconds", "Request latency by endpoint.", ["endpoint"],
-                          buckets=LATENCY_BUCKETS, registry=reg),
-        batch_size=Histogram("cxr_serve_batch_size", "Images per model forward (micro-batching).",
-                             buckets=BATCH_BUCKETS, registry=reg),
-        batch_seconds=Histogram("cxr_serve_batch_seconds", "Seconds per batch (embed, classify, search).",
-                                buckets=LATENCY_BUCKETS, registry=reg),
+        requests=Counter(
+            "cxr_serve_requests",
+            "API requests by endpoint and HTTP status.",
+            ["endpoint", "status"],
+            registry=reg,
+        ),
+        latency=Histogram(
+            "cxr_serve_request_seconds",
+            "Request latency by endpoint.",
+            ["endpoint"],
+            buckets=LATENCY_BUCKETS,
+            registry=reg,
+        ),
+        batch_size=Histogram(
+            "cxr_serve_batch_size",
+            "Images per model forward (micro-batching).",
+            buckets=BATCH_BUCKETS,
+            registry=reg,
+        ),
+        batch_seconds=Histogram(
+            "cxr_serve_batch_seconds",
+            "Seconds per batch (embed, classify, search).",
+            buckets=LATENCY_BUCKETS,
+            registry=reg,
+        ),
         errors=Counter("cxr_serve_errors", "Failed requests by kind.", ["kind"], registry=reg),
-        abstentions=Counter("cxr_serve_abstentions", "Inputs answered with abstain, by reason code.", ["code"], registry=reg),
-        store_rows=Gauge("cxr_serve_store_rows", "Rows in the store the server is answering from.", registry=reg),
+        abstentions=Counter(
+            "cxr_serve_abstentions", "Inputs answered with abstain, by reason code.", ["code"], registry=reg
+        ),
+        store_rows=Gauge(
+            "cxr_serve_store_rows", "Rows in the store the server is answering from.", registry=reg
+        ),
     )

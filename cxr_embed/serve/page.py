@@ -78,14 +78,18 @@ def _form(need_key: bool, k: int) -> str:
 
 
 def _page(body: str) -> str:
-    return (f"<!doctype html><html><head><meta charset='utf-8'><title>cxr-embed case lookup</title>"
-            f"<style>{_STYLE}</style></head><body><h1>cxr-embed case lookup</h1>{body}</body></html>")
+    return (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>cxr-embed case lookup</title>"
+        f"<style>{_STYLE}</style></head><body><h1>cxr-embed case lookup</h1>{body}</body></html>"
+    )
 
 
 def _neighbors_table(neighbors: list[dict[str, Any]], thumbs: dict[str, str | None]) -> str:
     show = any(thumbs.values())
-    head = "<tr>" + ("<th>image</th>" if show else "") + "<th>rank</th><th>similarity</th><th>image id</th>" \
-           "<th>label</th><th>findings</th><th>view</th></tr>"
+    head = (
+        "<tr>" + ("<th>image</th>" if show else "") + "<th>rank</th><th>similarity</th><th>image id</th>"
+        "<th>label</th><th>findings</th><th>view</th></tr>"
+    )
     rows = []
     for n in neighbors:
         thumb = thumbs.get(n["image_id"])
@@ -93,20 +97,27 @@ def _neighbors_table(neighbors: list[dict[str, Any]], thumbs: dict[str, str | No
         cell = f"<td>{img}</td>" if show else ""
         label = {1: "abnormal", 0: "normal"}.get(n["label"], "unknown")
         findings = ", ".join(n["findings"] or []) or "—"
-        rows.append(f"<tr class='neighbor'>{cell}<td>{n['rank']}</td><td>{n['similarity']:.3f}</td>"
-                    f"<td>{html.escape(str(n['image_id']))}</td><td class='{label}'>{label}</td>"
-                    f"<td>{html.escape(findings)}</td><td>{html.escape(str(n['view'] or ''))}</td></tr>")
+        rows.append(
+            f"<tr class='neighbor'>{cell}<td>{n['rank']}</td><td>{n['similarity']:.3f}</td>"
+            f"<td>{html.escape(str(n['image_id']))}</td><td class='{label}'>{label}</td>"
+            f"<td>{html.escape(findings)}</td><td>{html.escape(str(n['view'] or ''))}</td></tr>"
+        )
     return f"<table id='neighbors'>{head}{''.join(rows)}</table>"
 
 
 def _result_html(item: dict[str, Any], thumbs: dict[str, str | None]) -> str:
     if item.get("abstain"):
         reason = item.get("reason") or {}
-        verdict = (f"<p class='abstain' id='verdict'>No decision (abstain): {html.escape(reason.get('code', ''))} — "
-                   f"{html.escape(reason.get('detail', ''))}</p>")
+        verdict = (
+            f"<p class='abstain' id='verdict'>No decision (abstain): {html.escape(reason.get('code', ''))} — "
+            f"{html.escape(reason.get('detail', ''))}</p>"
+        )
     elif item.get("decisions"):
-        calls = ", ".join(f"<span class='{'abnormal' if v else 'normal'}'>{html.escape(k)}: {'abnormal' if v else 'normal'}"
-                          f"</span>" for k, v in item["decisions"].items())
+        calls = ", ".join(
+            f"<span class='{'abnormal' if v else 'normal'}'>{html.escape(k)}: {'abnormal' if v else 'normal'}"
+            f"</span>"
+            for k, v in item["decisions"].items()
+        )
         verdict = f"<p id='verdict'>Probability of abnormal {item['probability']:.3f} — {calls}</p>"
     elif item.get("probability") is not None:
         verdict = f"<p id='verdict'>kNN-vote probability of abnormal {item['probability']:.3f} (no classifier served)</p>"
@@ -132,8 +143,13 @@ def add_page_routes(app: FastAPI, svc: Service) -> None:
         try:
             rec.key_id = svc.authenticate(fields.get("key") or None)
         except HTTPException:
-            return HTMLResponse(_page("<p class='abstain' id='verdict'>Unknown or revoked API key.</p>"
-                                      + _form(True, svc.config.k)), status_code=401)
+            return HTMLResponse(
+                _page(
+                    "<p class='abstain' id='verdict'>Unknown or revoked API key.</p>"
+                    + _form(True, svc.config.k)
+                ),
+                status_code=401,
+            )
         try:
             k = max(1, min(50, int(fields.get("k") or svc.config.k)))
         except ValueError:
@@ -147,8 +163,15 @@ def add_page_routes(app: FastAPI, svc: Service) -> None:
             result = (await loop.run_in_executor(svc.engine.executor, svc.engine.search_texts, [text], k))[0]
             item = {"abstain": False, "neighbors": [neighbor_json(n) for n in result]}
         else:
-            return HTMLResponse(_page("<p id='verdict'>Choose an image or type a finding.</p>"
-                                      + _form(svc.keys is not None, svc.config.k)), status_code=400)
+            return HTMLResponse(
+                _page(
+                    "<p id='verdict'>Choose an image or type a finding.</p>"
+                    + _form(svc.keys is not None, svc.config.k)
+                ),
+                status_code=400,
+            )
         ids = [n["image_id"] for n in item.get("neighbors", []) if n["image_id"] in links]
-        thumbs = dict(zip(ids, await run_in_threadpool(lambda: [thumbnail(links[i]) for i in ids]), strict=True))
+        thumbs = dict(
+            zip(ids, await run_in_threadpool(lambda: [thumbnail(links[i]) for i in ids]), strict=True)
+        )
         return HTMLResponse(_page(_result_html(item, thumbs) + _form(svc.keys is not None, svc.config.k)))

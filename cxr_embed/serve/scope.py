@@ -80,8 +80,12 @@ def decode_upload(data: bytes, content_type: str | None, *, max_pixels: int, key
     if kind == "dicom":
         return _decode_dicom(data, max_pixels, key)
     if kind == "unknown":
-        return DecodedUpload(kind, len(data), None, Abstention(
-            "undecodable", "not a DICOM, PNG or JPEG file (checked the file's first bytes)."))
+        return DecodedUpload(
+            kind,
+            len(data),
+            None,
+            Abstention("undecodable", "not a DICOM, PNG or JPEG file (checked the file's first bytes)."),
+        )
     try:
         with Image.open(io.BytesIO(data)) as img:
             if img.width * img.height > max_pixels:
@@ -89,8 +93,15 @@ def decode_upload(data: bytes, content_type: str | None, *, max_pixels: int, key
             img.load()
             return DecodedUpload(kind, len(data), to_model_mode(img))
     except Exception as exc:  # noqa: BLE001 - decoder boundary: a bad upload is the upload's fault
-        return DecodedUpload(kind, len(data), None, Abstention(
-            "undecodable", f"cannot decode the {kind.upper()} image ({type(exc).__name__}); it is truncated or corrupt."))
+        return DecodedUpload(
+            kind,
+            len(data),
+            None,
+            Abstention(
+                "undecodable",
+                f"cannot decode the {kind.upper()} image ({type(exc).__name__}); it is truncated or corrupt.",
+            ),
+        )
 
 
 def _too_large(pixels: int, limit: int) -> Abstention:
@@ -101,19 +112,28 @@ def dicom_scope(ds: Any) -> Abstention | None:
     """None when the dataset is a single-frame chest radiograph by the rules above, else why not."""
     modality = str(ds.get("Modality", "") or "").strip().upper()
     if modality not in CHEST_MODALITIES:
-        shown = modality if _CODE_STRING.fullmatch(modality) else ("absent" if not modality else "unrecognised")
-        return Abstention("out-of-scope", f"Modality {shown} is not a radiograph (expected one of {', '.join(CHEST_MODALITIES)}).")
+        shown = (
+            modality if _CODE_STRING.fullmatch(modality) else ("absent" if not modality else "unrecognised")
+        )
+        return Abstention(
+            "out-of-scope",
+            f"Modality {shown} is not a radiograph (expected one of {', '.join(CHEST_MODALITIES)}).",
+        )
     body = str(ds.get("BodyPartExamined", "") or "").strip().upper()
     if body and body != "CHEST":
         return Abstention("out-of-scope", "Body Part Examined is not CHEST.")
     if str(ds.get("BurnedInAnnotation", "") or "").strip().upper() == "YES":
-        return Abstention("out-of-scope", "the image has burned-in annotation (text that may identify the patient).")
+        return Abstention(
+            "out-of-scope", "the image has burned-in annotation (text that may identify the patient)."
+        )
     try:
         frames = int(ds.get("NumberOfFrames", 1) or 1)
     except (TypeError, ValueError):
         frames = 1
     if frames > 1:
-        return Abstention("out-of-scope", f"a multi-frame object ({frames} frames) is not a single radiograph.")
+        return Abstention(
+            "out-of-scope", f"a multi-frame object ({frames} frames) is not a single radiograph."
+        )
     return None
 
 
@@ -127,7 +147,12 @@ def _decode_dicom(data: bytes, max_pixels: int, key: bytes) -> DecodedUpload:
         patient = str(ds.get("PatientID", "") or "").strip()
         sop = str(ds.get("SOPInstanceUID", "") or "").strip()
     except Exception as exc:  # noqa: BLE001 - pydicom raises many types on corrupt headers
-        return DecodedUpload("dicom", size, None, Abstention("undecodable", f"not a readable DICOM file ({type(exc).__name__})."))
+        return DecodedUpload(
+            "dicom",
+            size,
+            None,
+            Abstention("undecodable", f"not a readable DICOM file ({type(exc).__name__})."),
+        )
     pseudo = pseudonym(patient, key) if patient else None
     query_id = pseudonym(sop, key) if sop else None
 
@@ -148,5 +173,7 @@ def _decode_dicom(data: bytes, max_pixels: int, key: bytes) -> DecodedUpload:
     try:
         image = dataset_to_image(ds)
     except Exception as exc:  # noqa: BLE001 - decoder boundary
-        return abstain(Abstention("undecodable", f"cannot decode the DICOM pixel data ({type(exc).__name__})."))
+        return abstain(
+            Abstention("undecodable", f"cannot decode the DICOM pixel data ({type(exc).__name__}).")
+        )
     return DecodedUpload("dicom", size, image, None, pseudo, query_id)

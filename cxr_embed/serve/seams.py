@@ -43,9 +43,16 @@ class ServedClassifier:
     predict_proba: Callable[[np.ndarray], np.ndarray]
 
     def describe(self) -> dict:
-        return {"name": self.name, "target": self.target, "run_id": self.run_id, "plan": self.plan,
-                "sha256": self.sha256, "model_id": self.model_id, "checkpoint_sha256": self.checkpoint_sha256,
-                "thresholds": self.thresholds}
+        return {
+            "name": self.name,
+            "target": self.target,
+            "run_id": self.run_id,
+            "plan": self.plan,
+            "sha256": self.sha256,
+            "model_id": self.model_id,
+            "checkpoint_sha256": self.checkpoint_sha256,
+            "thresholds": self.thresholds,
+        }
 
 
 def load_model(store: Store, model_dir: str | Path | None, *, device: str, precision: str) -> MedImageInsight:
@@ -60,18 +67,25 @@ def load_model(store: Store, model_dir: str | Path | None, *, device: str, preci
 def load_classifier(store: Store, name: str) -> ServedClassifier:
     """A saved classifier of ``store`` (``<store>/classifiers/<name>.skops``), checked against its model."""
     if name == FINETUNED:
-        raise ConfigError("--classifier finetuned needs the fine-tuned head saved as a classifier file, which this "
-                          "build cannot load yet; serve a classifier saved by `cxr-embed classify` (e.g. logreg).")
+        raise ConfigError(
+            "--classifier finetuned needs the fine-tuned head saved as a classifier file, which this "
+            "build cannot load yet; serve a classifier saved by `cxr-embed classify` (e.g. logreg)."
+        )
     from cxr_embed.evaluation import load_model as load_saved
     from cxr_embed.model.files import sha256_file
 
     fitted, meta = load_saved(store, name)
     store.check_compatible(meta["model_id"], meta["checkpoint_sha256"], meta["preprocess_fingerprint"])
     return ServedClassifier(
-        name=meta["name"], target=meta.get("target", "abnormal"), run_id=meta.get("run_id"), plan=meta.get("plan"),
+        name=meta["name"],
+        target=meta.get("target", "abnormal"),
+        run_id=meta.get("run_id"),
+        plan=meta.get("plan"),
         sha256=sha256_file(Path(store.path) / "classifiers" / f"{name}.skops"),
         thresholds={k: float(v) for k, v in meta["thresholds"].items()},
-        model_id=meta["model_id"], checkpoint_sha256=meta["checkpoint_sha256"], predict_proba=fitted.predict_proba,
+        model_id=meta["model_id"],
+        checkpoint_sha256=meta["checkpoint_sha256"],
+        predict_proba=fitted.predict_proba,
     )
 
 

@@ -13,7 +13,9 @@ def _uvicorn():
     try:
         import uvicorn
     except ImportError:
-        raise DependencyError("`cxr-embed serve` needs the serve extra: pip install 'cxr-embed[serve]'") from None
+        raise DependencyError(
+            "`cxr-embed serve` needs the serve extra: pip install 'cxr-embed[serve]'"
+        ) from None
     return uvicorn
 
 
@@ -23,8 +25,13 @@ def run(config: ServeConfig, log_level: str = "info") -> None:
     config.check()
     uvicorn = _uvicorn()
     logging.getLogger("cxr_embed.serve").setLevel(log_level.upper())
-    common = {"host": config.host, "port": config.port, "log_level": log_level, "access_log": False,
-              "timeout_graceful_shutdown": 10}
+    common = {
+        "host": config.host,
+        "port": config.port,
+        "log_level": log_level,
+        "access_log": False,
+        "timeout_graceful_shutdown": 10,
+    }
     if config.workers == 1:
         from cxr_embed.serve.app import create_app
 

@@ -31,7 +31,9 @@ async def read_body(request: Request, limit: int) -> bytes:
     """The whole body, refusing (413) as soon as it exceeds ``limit`` bytes, declared or streamed."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise HTTPException(413, f"Request body of {declared} bytes exceeds this server's limit of {limit} bytes.")
+        raise HTTPException(
+            413, f"Request body of {declared} bytes exceeds this server's limit of {limit} bytes."
+        )
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
@@ -45,13 +47,20 @@ async def _once(data: bytes) -> AsyncGenerator[bytes, None]:
     yield data
 
 
-async def read_uploads(request: Request, *, max_bytes: int, max_files: int) -> tuple[list[Upload], dict[str, str]]:
+async def read_uploads(
+    request: Request, *, max_bytes: int, max_files: int
+) -> tuple[list[Upload], dict[str, str]]:
     """Files of a raw-body or multipart request, plus the multipart's text fields."""
     body = await read_body(request, max_bytes)
     ctype = request.headers.get("content-type", "")
     if ctype.lower().startswith("multipart/form-data"):
-        parser = MemoryMultiPartParser(request.headers, _once(body), max_files=max_files, max_fields=MAX_FORM_FIELDS,
-                                       max_part_size=max_bytes)
+        parser = MemoryMultiPartParser(
+            request.headers,
+            _once(body),
+            max_files=max_files,
+            max_fields=MAX_FORM_FIELDS,
+            max_part_size=max_bytes,
+        )
         try:
             form = await parser.parse()
         except MultiPartException as exc:
