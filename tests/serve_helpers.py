@@ -108,3 +108,113 @@ def start_server(
         time.sleep(0.2)
     proc.kill()
     raise RuntimeError(f"server did not start within {timeout} s:\n{log.read_text(errors='replace')}")
+
+
+class Chromium:
+    """Headless Chromium driven over the DevTools protocol on a pipe (``--remote-debugging-pipe``).
+
+    No WebDriver and no websocket library: Chromium reads NUL-terminated JSON commands on fd 3 and
+    writes replies and events on fd 4.
+    """
+
+    def __init__(self, binary: str, profile: Path):
+        to_chrome_r, self._to_chrome = os.pipe()
+        self._from_chrome, from_chrome_w = os.pipe()
+
+        def wire_fds() -> None:
+            os.dup2(to_chrome_r, 3)
+            os.dup2(from_chrome_w, 4)
+
+        self.proc = subprocess.Popen(
+            [binary, "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+             "--remote-debugging-pipe", f"--user-data-dir={profile}", "--window-size=1200,900", "about:blank"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=wire_fds, close_fds=False,
+        )  # fmt: skip
+        os.close(to_chrome_r)
+        os.close(from_chrome_w)
+        self._buf = b""
+        self._next = 0
+        self.events: list[dict] = []
+        targets = self.call("Target.getTargets")["targetInfos"]
+        page = next(t["targetId"] for t in targets if t["type"] == "page")
+        self.session = self.call("Target.attachToTarget", targetId=page, flatten=True)["sessionId"]
+        self.call("Page.enable", session=True)
+
+    def _read(self, timeout: float) -> dict:
+        import json
+        import select
+
+        while b"\0" not in self._buf:
+            ready, _, _ = select.select([self._from_chrome], [], [], timeout)
+            if not ready:
+                raise TimeoutError("Chromium did not answer")
+            chunk = os.read(self._from_chrome, 1 << 16)
+            if not chunk:
+                raise RuntimeError("Chromium closed the pipe")
+            self._buf += chunk
+        msg, self._buf = self._buf.split(b"\0", 1)
+        return json.loads(msg)
+
+    def call(self, method: str, session: bool = False, timeout: float = 60.0, **params: object) -> dict:
+        import json
+
+        self._next += 1
+        msg: dict = {"id": self._next, "method": method, "params": params}
+        if session:
+            msg["sessionId"] = self.session
+        os.write(self._to_chrome, json.dumps(msg).encode() + b"\0")
+        while True:
+            reply = self._read(timeout)
+            if reply.get("id") == self._next:
+                if "error" in reply:
+                    raise RuntimeError(f"{method}: {reply['error']}")
+                return reply.get("result", {})
+            self.events.append(reply)
+
+    def wait_event(self, method: str, timeout: float = 60.0) -> dict:
+        deadline = time.monotonic() + timeout
+        while True:
+            for i, ev in enumerate(self.events):
+                if ev.get("method") == method:
+                    return self.events.pop(i)
+            self.events.append(self._read(max(0.1, deadline - time.monotonic())))
+
+    def evaluate(self, expression: str) -> object:
+        result = self.call("Runtime.evaluate", session=True, expression=expression, returnByValue=True)
+        return result["result"].get("value")
+
+    def navigate(self, url: str) -> None:
+        self.events.clear()
+        self.call("Page.navigate", session=True, url=url)
+        self.wait_event("Page.loadEventFired")
+
+    def set_file(self, selector: str, path: Path) -> None:
+        root = self.call("DOM.getDocument", session=True)["root"]["nodeId"]
+        node = self.call("DOM.querySelector", session=True, nodeId=root, selector=selector)["nodeId"]
+        self.call("DOM.setFileInputFiles", session=True, nodeId=node, files=[str(path)])
+
+    def click_and_wait(self, selector: str) -> None:
+        self.events.clear()
+        self.evaluate(f"document.querySelector({selector!r}).click()")
+        self.wait_event("Page.loadEventFired")
+
+    def screenshot(self, path: Path) -> Path:
+        import base64
+
+        data = self.call("Page.captureScreenshot", session=True, format="png", captureBeyondViewport=True)[
+            "data"
+        ]
+        path.write_bytes(base64.b64decode(data))
+        return path
+
+    def close(self) -> None:
+        try:
+            self.call("Browser.close", timeout=10)
+        except Exception:  # noqa: BLE001 - it is going away either way
+            pass
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        os.close(self._to_chrome)
+        os.close(self._from_chrome)
