@@ -403,7 +403,7 @@ def _routes(app: FastAPI, svc: Service) -> None:
                     {
                         "index": 0,
                         "abstain": False,
-                        "neighbors": [neighbor_json(n) for n in result],
+                        "neighbors": [neighbor_json(n) for n in result.neighbors],
                         "knn_probability": result.probability_abnormal,
                     }
                 ],

@@ -26,9 +26,12 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from cxr_embed import retrieval
 from cxr_embed.errors import StoreError
+from cxr_embed.records import FINDINGS
 from cxr_embed.serve import seams
 from cxr_embed.serve.config import ServeConfig
 from cxr_embed.store import MANIFEST, Store
@@ -100,10 +103,80 @@ class ImageQuery:
 
 
 @dataclass(frozen=True)
+class Hit:
+    """One neighbour as the API shows it: pseudonymous ids and labels, never the stored path."""
+
+    rank: int
+    image_id: str
+    patient_id: str | None
+    similarity: float
+    label: int | None
+    findings: tuple[str, ...] | None
+    view: str | None
+
+
+@dataclass(frozen=True)
+class Hits:
+    neighbors: list[Hit]
+    probability_abnormal: float | None  # kNN vote (retrieval.knn_vote)
+    excluded_patient: str | None = None
+
+
+@dataclass(frozen=True)
 class ImageAnswer:
     vector: np.ndarray
     probability: float | None
-    neighbors: retrieval.SearchResult | None
+    neighbors: Hits | None
+
+
+_HIT_COLUMNS = ("image_id", "patient_id", "label", "view", *FINDINGS)
+
+
+class StoreView:
+    """The neighbour columns of a store held in memory, searched through its :class:`retrieval.Ranker`.
+
+    Why not :func:`retrieval.search`: it opens a DuckDB connection per call to apply SQL filters and
+    fetch rows (tens of ms, more than a tiny-model forward); the service needs no SQL, only patient
+    exclusion, which is a comparison of dictionary codes here. Same ranking, same vote.
+    """
+
+    def __init__(self, store: Store, ood_percentile: float, ood_sample: int):
+        self.store = store
+        self.ranker = retrieval.ranker_for(store)
+        self.gate = distance_gate(store, ood_percentile, ood_sample)
+        self.meta = store.metadata(list(_HIT_COLUMNS))
+        encoded = pc.dictionary_encode(self.meta.column("patient_id")).combine_chunks()
+        self._codes = pc.fill_null(encoded.indices, -1).to_numpy().astype(np.int64)
+        self._code_of = {p: i for i, p in enumerate(encoded.dictionary.to_pylist())}
+
+    def _mask(self, patient: str) -> np.ndarray | None:
+        code = self._code_of.get(patient)
+        return None if code is None else self._codes != code
+
+    def search(self, vectors: np.ndarray, k: int, exclude: list[str | None]) -> list[Hits]:
+        """k nearest stored cases per row of ``vectors`` (unit-norm), without ``exclude[i]``'s images."""
+        if all(p is None for p in exclude):
+            ranked = self.ranker.rank(vectors, None, k)
+        else:
+            ranked = [self.ranker.rank(vectors[i : i + 1], self._mask(p) if p else None, k)[0]
+                      for i, p in enumerate(exclude)]  # fmt: skip
+        out = []
+        for (ids, sims, _), patient in zip(ranked, exclude, strict=True):
+            rows = self.meta.take(pa.array(ids, pa.int64())).to_pylist()
+            hits = [
+                _hit(rank, row, float(sim)) for rank, (row, sim) in enumerate(zip(rows, sims, strict=True), 1)
+            ]
+            vote = retrieval.knn_vote([h.similarity for h in hits], [h.label for h in hits])
+            out.append(Hits(hits, vote, patient))
+        return out
+
+
+def _hit(rank: int, row: dict, similarity: float) -> Hit:
+    flags = [row[f] for f in FINDINGS]
+    findings = (
+        None if any(f is None for f in flags) else tuple(f for f, v in zip(FINDINGS, flags, strict=True) if v)
+    )
+    return Hit(rank, row["image_id"], row["patient_id"], similarity, row["label"], findings, row["view"])
 
 
 def _stamp(path: os.PathLike) -> tuple[int, int, int] | None:
@@ -119,52 +192,55 @@ class Engine:
 
     def __init__(self, config: ServeConfig, model: MedImageInsight | None = None):
         self.config = config
-        self._store = Store.open(config.store)
-        self._stamp = _stamp(self._store.path / MANIFEST)
+        store = Store.open(config.store)
+        self._stamp = _stamp(store.path / MANIFEST)
+        if model is None:
+            model = seams.load_model(
+                store, config.model_dir, device=config.device, precision=config.precision
+            )
+        store.check_compatible(model.model_id, model.checkpoint_sha256, model.preprocessor.fingerprint())
+        self.model = model
+        self.classifier = seams.load_classifier(store, config.classifier) if config.classifier else None
+        self.view = StoreView(store, config.ood_percentile, config.ood_sample)
         self._checked = time.monotonic()
         self._lock = threading.Lock()
-        self.model = (
-            model
-            if model is not None
-            else seams.load_model(
-                self._store, config.model_dir, device=config.device, precision=config.precision
-            )
-        )
-        if model is not None:
-            self._store.check_compatible(
-                model.model_id, model.checkpoint_sha256, model.preprocessor.fingerprint()
-            )
-        self.classifier = seams.load_classifier(self._store, config.classifier) if config.classifier else None
-        self.gate = distance_gate(self._store, config.ood_percentile, config.ood_sample)
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="cxr-serve-model")
 
     # -- the store, kept current
 
     @property
     def store(self) -> Store:
-        """The open store; re-opened (at most every ``reload_seconds``) when ``store.json`` changed."""
+        return self.current_view().store
+
+    @property
+    def gate(self) -> DistanceGate:
+        return self.current_view().gate
+
+    def current_view(self) -> StoreView:
+        """The store's view; re-built (at most every ``reload_seconds``) when ``store.json`` changed."""
         now = time.monotonic()
-        if now - self._checked < self.config.reload_seconds:
-            return self._store
-        with self._lock:
-            if now - self._checked >= self.config.reload_seconds:
-                self._checked = now
-                self._maybe_reload()
-        return self._store
+        if now - self._checked >= self.config.reload_seconds:
+            with self._lock:
+                if now - self._checked >= self.config.reload_seconds:
+                    self._checked = now
+                    self._maybe_reload()
+        return self.view
 
     def _maybe_reload(self) -> None:
-        stamp = _stamp(self._store.path / MANIFEST)
+        stamp = _stamp(self.view.store.path / MANIFEST)
         if stamp == self._stamp:
             return
         try:
-            fresh = Store.open(self._store.path)
+            fresh = Store.open(self.view.store.path)
         except (
             StoreError
         ) as exc:  # mid-index: shards ahead of the FAISS index; keep answering from the old one
-            log.info("store changed but is not consistent yet, keeping %d rows: %s", len(self._store), exc)
+            log.info(
+                "store changed but is not consistent yet, keeping %d rows: %s", len(self.view.store), exc
+            )
             return
-        gate = distance_gate(fresh, self.config.ood_percentile, self.config.ood_sample)
-        self._store, self._stamp, self.gate = fresh, stamp, gate
+        self.view = StoreView(fresh, self.config.ood_percentile, self.config.ood_sample)  # one reference swap
+        self._stamp = stamp
         log.info("store re-opened: %d rows", len(fresh))
 
     def describe(self) -> dict[str, Any]:
@@ -190,42 +266,40 @@ class Engine:
         """The micro-batch function: one forward, one classifier call, one search for the whole batch."""
         import torch
 
-        store = self.store
+        view = self.current_view()
         vectors = self.model.encode_images(torch.stack([q.tensor for q in items])).numpy()
         probs = self.classifier.predict_proba(vectors) if self.classifier is not None else None
         wanted = [i for i, q in enumerate(items) if q.k > 0]
-        found: dict[int, retrieval.SearchResult] = {}
-        if wanted and len(store):
+        found: dict[int, Hits] = {}
+        if wanted and len(view.store):
             k = max(items[i].k for i in wanted)
-            results = retrieval.search(
-                store, vectors[wanted], k, None, [items[i].exclude_patient for i in wanted]
-            )
+            results = view.search(vectors[wanted], k, [items[i].exclude_patient for i in wanted])
             found = {i: _first(r, items[i].k) for i, r in zip(wanted, results, strict=True)}
         return [
             ImageAnswer(vectors[i], None if probs is None else float(probs[i]), found.get(i))
             for i in range(len(items))
         ]
 
-    def search_texts(self, texts: list[str], k: int) -> list[retrieval.SearchResult]:
-        store = self.store
-        vectors = self.model.encode_texts(texts).numpy()
-        return retrieval.search(store, vectors, k, queries=texts)
+    def search_texts(self, texts: list[str], k: int) -> list[Hits]:
+        view = self.current_view()
+        return view.search(self.model.encode_texts(texts).numpy(), k, [None] * len(texts))
 
     def encode_texts(self, texts: list[str]) -> np.ndarray:
         return self.model.encode_texts(texts).numpy()
 
-    def search_ids(
-        self, image_ids: list[str], k: int, exclude_same_patient: bool
-    ) -> list[retrieval.SearchResult]:
-        return retrieval.search_by_ids(self.store, image_ids, k, None, exclude_same_patient)
+    def search_ids(self, image_ids: list[str], k: int, exclude_same_patient: bool) -> list[Hits]:
+        """Neighbours of stored images (found with SQL: unknown ids give a QueryError naming them)."""
+        view = self.current_view()
+        found = retrieval.stored_queries(view.store, image_ids)
+        vectors = np.stack([q.vector for q in found])
+        vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+        return view.search(vectors, k, [q.patient_id if exclude_same_patient else None for q in found])
 
 
-def _first(result: retrieval.SearchResult, k: int) -> retrieval.SearchResult:
+def _first(result: Hits, k: int) -> Hits:
     """``result`` cut to its first ``k`` neighbours, with the kNN vote recomputed on those."""
     if len(result.neighbors) <= k:
         return result
     kept = result.neighbors[:k]
     vote = retrieval.knn_vote([n.similarity for n in kept], [n.label for n in kept])
-    return retrieval.SearchResult(
-        kept, vote, result.strategy, result.candidates, result.query, result.excluded_patient
-    )
+    return Hits(kept, vote, result.excluded_patient)

@@ -161,7 +161,7 @@ def add_page_routes(app: FastAPI, svc: Service) -> None:
             rec.input_kind, rec.inputs = "text", 1
             loop = asyncio.get_running_loop()
             result = (await loop.run_in_executor(svc.engine.executor, svc.engine.search_texts, [text], k))[0]
-            item = {"abstain": False, "neighbors": [neighbor_json(n) for n in result]}
+            item = {"abstain": False, "neighbors": [neighbor_json(n) for n in result.neighbors]}
         else:
             return HTMLResponse(
                 _page(
