@@ -74,6 +74,10 @@ def serve(
             help="Abstain below this percentile of the store's own nearest-neighbour similarities.",
         ),
     ] = 1.0,
+    dicom_port: Annotated[
+        int | None,
+        typer.Option("--dicom-port", help="Also receive DICOM C-STORE on this port (needs pynetdicom)."),
+    ] = None,
     log_level: Annotated[str, typer.Option("--log-level", help="debug, info, warning or error.")] = "info",
 ) -> None:
     """Serve a store over HTTP: POST /v1/triage, /v1/search, /v1/encode; GET /v1/store, /healthz, /readyz,
@@ -108,6 +112,7 @@ def serve(
         max_bytes=int(max_mb * 2**20),
         timeout_s=timeout,
         ood_percentile=ood_percentile,
+        dicom_port=dicom_port,
     )
     config.check()
     info(

@@ -20,7 +20,7 @@ import httpx
 import numpy as np
 import pytest
 from PIL import Image
-from serve_helpers import CANARIES, make_dicom_bytes, start_server
+from serve_helpers import CANARIES, free_port, make_dicom_bytes, start_server
 
 from cxr_embed.errors import ConfigError
 
@@ -85,6 +85,7 @@ def server(served):
     from cxr_embed.model import tiny_model_dir
 
     log = served["root"] / "server.log"
+    dicom_port = free_port()
     proc = start_server(
         [
             "--store",
@@ -101,6 +102,8 @@ def server(served):
             str(K),
             "--link-file",
             str(served["link"]),
+            "--dicom-port",
+            str(dicom_port),
         ],
         log,
         env={"CXR_EMBED_ID_SALT": SALT},
@@ -112,6 +115,7 @@ def server(served):
         "rec": recorder,
         "api": recorder.client(proc.url, served["good"]),
         "log": log,
+        "dicom_port": dicom_port,
         **served,
     }
     proc.stop()
@@ -325,6 +329,28 @@ def test_new_rows_are_served_without_restart(server) -> None:
     )
 
 
+def test_dicom_c_store_is_triaged_and_audited(server) -> None:
+    """A modality pushes a chest CR and a CT over DICOM; both are processed, the CT abstains (in the audit)."""
+    import pydicom
+    from pynetdicom import AE
+    from pynetdicom.sop_class import ComputedRadiographyImageStorage, CTImageStorage
+
+    px = gray_pixels(server["rows"][4]["path"])
+    ae = AE(ae_title="TEST-MODALITY")
+    ae.add_requested_context(ComputedRadiographyImageStorage)
+    ae.add_requested_context(CTImageStorage)
+    assoc = ae.associate("127.0.0.1", server["dicom_port"], ae_title="CXR-EMBED")
+    assert assoc.is_established
+    statuses = []
+    for modality, sop_class in (("CR", ComputedRadiographyImageStorage), ("CT", CTImageStorage)):
+        ds = pydicom.dcmread(io.BytesIO(make_dicom_bytes(px, modality=modality)))
+        ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = sop_class
+        statuses.append(assoc.send_c_store(ds).Status)
+        server["rec"].calls.append(("dicom:c-store", 200))
+    assoc.release()
+    assert statuses == [0, 0]
+
+
 def test_case_lookup_page_in_headless_chromium(server, tmp_path_factory) -> None:
     """Upload an image through the page's form in a real browser; the result table and thumbnails show."""
     import shutil as sh
@@ -370,6 +396,9 @@ def test_audit_has_one_row_per_call_and_no_canary_anywhere(server) -> None:
     assert all(len(r["checkpoint_sha256"]) == 64 and json.loads(r["thresholds"]) for r in triage)
     assert any(r["decision"] and "abstain:out-of-scope" in r["decision"] for r in triage)
     assert any(r["input_kind"] == "dicom" for r in triage) and all(r["latency_ms"] > 0 for r in audit)
+    pushed = [r for r in audit if r["endpoint"] == "dicom:c-store"]
+    assert [r["key_id"] for r in pushed] == ["ae:TEST-MODALITY"] * 2
+    assert "abstain" not in pushed[0]["decision"] and pushed[1]["decision"] == "abstain:out-of-scope"
     # no identifier from an uploaded DICOM in any response, in the log, or in any file of the store
     haystacks = {"responses": b"\n".join(server["rec"].bodies), "log": server["log"].read_bytes()}
     for f in Path(server["store"]).rglob("*"):

@@ -58,6 +58,16 @@ class Service:
     keys: KeyRing | None
     key: bytes  # pseudonymisation secret
 
+    def new_record(self, endpoint: str) -> AuditRecord:
+        """An audit record carrying what every answer depends on: model and classifier identity."""
+        rec = AuditRecord(endpoint=endpoint, model_id=self.engine.model.model_id,
+                          checkpoint_sha256=self.engine.model.checkpoint_sha256)  # fmt: skip
+        clf = self.engine.classifier
+        if clf is not None:
+            rec.classifier, rec.classifier_run, rec.classifier_sha256 = clf.name, clf.run_id, clf.sha256
+            rec.thresholds = clf.thresholds
+        return rec
+
     def authenticate(self, token: str | None) -> str:
         """The key id; 401 unless ``token`` is an active key (or the server runs keyless on loopback)."""
         if self.keys is None:
@@ -181,7 +191,7 @@ def triage_item(svc: Service, index: int, dec: DecodedUpload, ans: ImageAnswer |
     return item
 
 
-def _decision_summary(item: dict[str, Any]) -> str:
+def decision_summary(item: dict[str, Any]) -> str:
     if item["abstain"]:
         return f"abstain:{(item['reason'] or {}).get('code', 'unknown')}"
     if item["decisions"]:
@@ -228,9 +238,17 @@ def create_app(config: ServeConfig, *, engine: Engine | None = None) -> FastAPI:
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         batcher.start()
         flusher = asyncio.create_task(_flush_every(svc.audit, config.audit_flush_seconds))
+        receiver = None
+        if config.dicom_port is not None:
+            from cxr_embed.serve.dicom_port import DicomReceiver
+
+            receiver = DicomReceiver(svc, asyncio.get_running_loop())
+            await run_in_threadpool(receiver.start)
         try:
             yield
         finally:
+            if receiver is not None:
+                await run_in_threadpool(receiver.stop)
             flusher.cancel()
             await batcher.stop()
             await run_in_threadpool(svc.audit.flush)
@@ -246,17 +264,7 @@ def create_app(config: ServeConfig, *, engine: Engine | None = None) -> FastAPI:
     @app.middleware("http")
     async def audit_and_measure(request: Request, call_next: Any) -> Response:
         path = request.url.path
-        rec = AuditRecord(
-            endpoint=path, model_id=engine.model.model_id, checkpoint_sha256=engine.model.checkpoint_sha256
-        )
-        if engine.classifier is not None:
-            clf = engine.classifier
-            rec.classifier, rec.classifier_run, rec.classifier_sha256, rec.thresholds = (
-                clf.name,
-                clf.run_id,
-                clf.sha256,
-                clf.thresholds,
-            )
+        rec = svc.new_record(path)
         request.state.audit = rec
         start = time.perf_counter()
         try:
@@ -306,6 +314,13 @@ async def triage_uploads(
 ) -> list[dict]:
     """The triage pipeline shared by ``POST /v1/triage`` and the page."""
     decoded = await run_in_threadpool(svc.decode, uploads)
+    return await triage_decoded(svc, rec, decoded, k, patient)
+
+
+async def triage_decoded(
+    svc: Service, rec: AuditRecord, decoded: list[tuple[DecodedUpload, Any]], k: int, patient: str | None
+) -> list[dict]:
+    """Answers for decoded inputs (also the DICOM receiver's path); fills the audit record's outcome."""
     _note_inputs(rec, decoded)
     answers = await svc.answer(decoded, k, patient)
     items = [triage_item(svc, i, d, a) for i, ((d, _), a) in enumerate(zip(decoded, answers, strict=True))]
@@ -313,7 +328,7 @@ async def triage_uploads(
         if item["abstain"]:
             svc.metrics.abstentions.labels((item["reason"] or {}).get("code", "unknown")).inc()
     rec.abstained = sum(item["abstain"] for item in items)
-    rec.decision = ";".join(_decision_summary(i) for i in items)
+    rec.decision = ";".join(decision_summary(i) for i in items)
     return items
 
 

@@ -28,6 +28,7 @@ class ServeConfig:
     precision: str = "fp32"
     keys: Path | None = None
     link_file: Path | None = None
+    dicom_port: int | None = None  # C-STORE receiver (pynetdicom), same host
     k: int = 5
     max_k: int = 100
     max_batch: int = 16

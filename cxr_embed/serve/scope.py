@@ -144,9 +144,24 @@ def _decode_dicom(data: bytes, max_pixels: int, key: bytes) -> DecodedUpload:
     size = len(data)
     try:
         ds = pydicom.dcmread(io.BytesIO(data), force=True)
+    except Exception as exc:  # noqa: BLE001 - pydicom raises many types on corrupt headers
+        return DecodedUpload(
+            "dicom",
+            size,
+            None,
+            Abstention("undecodable", f"not a readable DICOM file ({type(exc).__name__})."),
+        )
+    return decode_dataset(ds, size, max_pixels=max_pixels, key=key)
+
+
+def decode_dataset(ds: Any, size: int, *, max_pixels: int, key: bytes) -> DecodedUpload:
+    """A parsed DICOM dataset (an upload, or a C-STORE) -> image or abstention, plus pseudonyms only."""
+    try:  # pydicom parses lazily: a corrupt header fails here, not at dcmread
         patient = str(ds.get("PatientID", "") or "").strip()
         sop = str(ds.get("SOPInstanceUID", "") or "").strip()
-    except Exception as exc:  # noqa: BLE001 - pydicom raises many types on corrupt headers
+        scope = dicom_scope(ds)
+        has_pixels = any(tag in ds for tag in PIXEL_TAGS)
+    except Exception as exc:  # noqa: BLE001 - decoder boundary
         return DecodedUpload(
             "dicom",
             size,
@@ -159,10 +174,9 @@ def _decode_dicom(data: bytes, max_pixels: int, key: bytes) -> DecodedUpload:
     def abstain(reason: Abstention) -> DecodedUpload:
         return DecodedUpload("dicom", size, None, reason, pseudo, query_id)
 
-    scope = dicom_scope(ds)
     if scope is not None:
         return abstain(scope)
-    if not any(tag in ds for tag in PIXEL_TAGS):
+    if not has_pixels:
         return abstain(Abstention("undecodable", "the DICOM object has no pixel data."))
     try:
         pixels = int(ds.get("Rows", 0) or 0) * int(ds.get("Columns", 0) or 0)
