@@ -4,9 +4,10 @@ A real server process (the packaged tiny model on CPU) answers ``POST /v1/triage
 X-rays from ``cxr-embed synth``, over a store of real tiny-model embeddings of other synthetic
 images. Closed-loop clients (``--concurrency`` levels, ``--requests`` each) keep exactly C
 requests in flight. Reported per level: requests/s, p50/p99 latency, errors (anything but 200 or
-an answer without neighbours), and the server's RSS after warm-up and at the end. Then the same
-top concurrency against a server started with ``--max-batch 1`` (one image per forward) gives the
-micro-batching speed-up.
+an answer without neighbours), and the server's RSS after warm-up and at the end. Then the top
+concurrency against a second server started with ``--max-batch 1`` (one image per forward), in
+alternating rounds so that a machine whose load drifts affects both alike, gives the micro-batching
+speed-up.
 
     python benchmarks/serve_load.py                          # 2000 requests at 1, 8, 32
     python benchmarks/serve_load.py --requests 300 --store-images 64   # a quick look
@@ -104,46 +105,29 @@ def batch_totals(url: str) -> tuple[float, float]:
     return samples["cxr_serve_batch_size_sum"], samples["cxr_serve_batch_size_count"]
 
 
-def run_server_levels(
-    store: Path, root: Path, bodies: list[bytes], requests: int, levels: list[int], max_batch: int, tag: str
-) -> tuple[list[dict], dict]:
+def serve(store: Path, root: Path, max_batch: int, tag: str):
     from cxr_embed.model import tiny_model_dir
 
-    server = start_server(
-        [
-            "--store",
-            str(store),
-            "--model-dir",
-            str(tiny_model_dir()),
-            "--device",
-            "cpu",
-            "--max-batch",
-            str(max_batch),
-            "--log-level",
-            "warning",
-        ],
-        root / f"server-{tag}.log",
-    )
-    try:
-        asyncio.run(load(server.url, bodies, min(100, requests), max(levels)))  # warm-up: allocator, caches
-        before = rss_mb(server.pid())
-        rows = []
-        for c in levels:
-            images, forwards = batch_totals(server.url)
-            row = asyncio.run(load(server.url, bodies, requests, c))
-            images2, forwards2 = batch_totals(server.url)
-            row["mean_batch"] = round((images2 - images) / max(1.0, forwards2 - forwards), 2)
-            row["max_batch"] = max_batch
-            rows.append(row)
-            print(json.dumps(row), flush=True)
-        after = rss_mb(server.pid())
-    finally:
-        server.stop()
-    return rows, {
-        "rss_mb_after_warmup": round(before, 1),
-        "rss_mb_end": round(after, 1),
-        "rss_growth_pct": round(100 * (after - before) / before, 1),
-    }
+    args = ["--store", str(store), "--model-dir", str(tiny_model_dir()), "--device", "cpu",
+            "--max-batch", str(max_batch), "--log-level", "warning"]  # fmt: skip
+    return start_server(args, root / f"server-{tag}.log")
+
+
+def measure(server, bodies: list[bytes], requests: int, concurrency: int, max_batch: int) -> dict:
+    images, forwards = batch_totals(server.url)
+    row = asyncio.run(load(server.url, bodies, requests, concurrency))
+    images2, forwards2 = batch_totals(server.url)
+    row["mean_batch"] = round((images2 - images) / max(1.0, forwards2 - forwards), 2)
+    row["max_batch"] = max_batch
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def pooled(rows: list[dict]) -> dict:
+    """Rounds of one configuration pooled: total requests over total seconds."""
+    n, secs = sum(r["requests"] for r in rows), sum(r["seconds"] for r in rows)
+    return {"requests": n, "seconds": round(secs, 2), "req_per_s": round(n / secs, 2),
+            "errors": sum(r["errors"] for r in rows), "mean_batch": rows[0]["mean_batch"]}  # fmt: skip
 
 
 def main() -> None:
@@ -153,7 +137,10 @@ def main() -> None:
     ap.add_argument("--store-images", type=int, default=200, help="Synthetic images indexed into the store.")
     ap.add_argument("--max-batch", type=int, default=32)
     ap.add_argument("--out", type=Path, help="Write the results as JSON here.")
+    ap.add_argument("--rounds", type=int, default=3, help="Alternating batched / one-at-a-time rounds at the top "
+                    "concurrency (so a machine whose load drifts affects both alike).")  # fmt: skip
     args = ap.parse_args()
+    top = max(args.concurrency)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         t0 = time.perf_counter()
@@ -162,18 +149,29 @@ def main() -> None:
         print(
             f"store of {args.store_images} images built in {time.perf_counter() - t0:.1f} s", file=sys.stderr
         )
-        batched, memory = run_server_levels(
-            store, root, bodies, args.requests, args.concurrency, args.max_batch, "batched"
-        )
-        top = max(args.concurrency)
-        single, _ = run_server_levels(store, root, bodies, args.requests, [top], 1, "single")
-    speedup = next(r for r in batched if r["concurrency"] == top)["req_per_s"] / single[0]["req_per_s"]
+        batched, single = serve(store, root, args.max_batch, "batched"), serve(store, root, 1, "single")
+        try:
+            for server in (batched, single):  # warm-up: allocator, caches, first forwards
+                asyncio.run(load(server.url, bodies, min(64, args.requests), top))
+            before = rss_mb(batched.pid())
+            levels = [measure(batched, bodies, args.requests, c, args.max_batch) for c in args.concurrency]
+            ab: dict[str, list[dict]] = {"batched": [], "single": []}
+            per_round = max(1, args.requests // args.rounds)
+            for _ in range(args.rounds):
+                ab["batched"].append(measure(batched, bodies, per_round, top, args.max_batch))
+                ab["single"].append(measure(single, bodies, per_round, top, 1))
+            after = rss_mb(batched.pid())
+        finally:
+            batched.stop()
+            single.stop()
+    a, b = pooled(ab["batched"]), pooled(ab["single"])
     result = {
-        "batched": batched,
-        "one_at_a_time": single,
-        "memory": memory,
-        "batching_speedup_at_top_concurrency": round(speedup, 2),
-    }
+        "levels": levels,
+        "memory": {"rss_mb_after_warmup": round(before, 1), "rss_mb_end": round(after, 1),
+                   "rss_growth_pct": round(100 * (after - before) / before, 1)},
+        "ab_at_top_concurrency": {"concurrency": top, "batched": a, "one_at_a_time": b,
+                                  "batching_speedup": round(a["req_per_s"] / b["req_per_s"], 2)},
+    }  # fmt: skip
     print(json.dumps(result, indent=2))
     if args.out:
         args.out.write_text(json.dumps(result, indent=2))

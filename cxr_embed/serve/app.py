@@ -81,6 +81,13 @@ class Service:
             )
         return key_id
 
+    async def decode_async(self, uploads: list[Upload]) -> list[tuple[DecodedUpload, Any]]:
+        """:meth:`decode` on the engine's bounded decode pool (not Starlette's 40 threads: concurrent
+        torch preprocessing in that many threads oversubscribes the cores the model needs)."""
+        return await asyncio.get_running_loop().run_in_executor(
+            self.engine.decode_executor, self.decode, uploads
+        )
+
     def decode(self, uploads: list[Upload]) -> list[tuple[DecodedUpload, Any]]:
         """Decode + scope-check + preprocess each upload (runs in the thread pool)."""
         out = []
@@ -313,7 +320,7 @@ async def triage_uploads(
     svc: Service, rec: AuditRecord, uploads: list[Upload], k: int, patient: str | None
 ) -> list[dict]:
     """The triage pipeline shared by ``POST /v1/triage`` and the page."""
-    decoded = await run_in_threadpool(svc.decode, uploads)
+    decoded = await svc.decode_async(uploads)
     return await triage_decoded(svc, rec, decoded, k, patient)
 
 
@@ -449,7 +456,7 @@ def _routes(app: FastAPI, svc: Service) -> None:
                 ],
             }
         files, _fields = await uploads_of(request)
-        decoded = await run_in_threadpool(svc.decode, files)
+        decoded = await svc.decode_async(files)
         _note_inputs(rec, decoded)
         answers = await svc.answer(decoded, 0, None)
         out = []

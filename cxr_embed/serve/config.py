@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import ipaddress
 import json
-from dataclasses import asdict, dataclass, fields
+import os
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,7 @@ class ServeConfig:
     k: int = 5
     max_k: int = 100
     max_batch: int = 16
+    decode_workers: int = field(default_factory=lambda: max(1, min(8, (os.cpu_count() or 2) // 2)))
     max_wait_ms: float = 5.0
     max_bytes: int = 64 * 2**20
     max_pixels: int = 50_000_000

@@ -205,6 +205,9 @@ class Engine:
         self._checked = time.monotonic()
         self._lock = threading.Lock()
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="cxr-serve-model")
+        self.decode_executor = ThreadPoolExecutor(
+            config.decode_workers, thread_name_prefix="cxr-serve-decode"
+        )
 
     # -- the store, kept current
 
