@@ -5,6 +5,8 @@ salted hashes), :mod:`.uploads` (bodies within limits, multipart in memory), :mo
 (decoding and the chest-radiograph scope check; pseudonyms only), :mod:`.batching` (micro-batches
 for the model), :mod:`.engine` (store, model, classifier, distance gate), :mod:`.seams` (the
 adapters to the model/classifier loaders of other issues), :mod:`.audit` (the ``audit`` table),
-:mod:`.metrics` (Prometheus), :mod:`.app` (routes) and :mod:`.page` (the case-lookup page).
+:mod:`.metrics` (Prometheus), :mod:`.service` (the shared triage answer), :mod:`.app` (routes),
+:mod:`.page` (the case-lookup page), :mod:`.dicom_port` (the optional C-STORE receiver) and
+:mod:`.server` (uvicorn).
 FastAPI and uvicorn come with the ``serve`` extra; nothing here is imported by the rest of cxr-embed.
 """

@@ -20,7 +20,7 @@ from cxr_embed.errors import DependencyError
 from cxr_embed.serve.scope import decode_dataset
 
 if TYPE_CHECKING:
-    from cxr_embed.serve.app import Service
+    from cxr_embed.serve.service import Service
 
 log = logging.getLogger("cxr_embed.serve")
 AE_TITLE = "CXR-EMBED"
@@ -52,7 +52,7 @@ class DicomReceiver:
 
     def on_store(self, event: Any) -> int:
         """Triage one received object; never raises into pynetdicom."""
-        from cxr_embed.serve.app import decision_summary, triage_decoded
+        from cxr_embed.serve.service import decision_summary, triage_decoded
 
         svc = self.svc
         rec = svc.new_record("dicom:c-store")

@@ -25,7 +25,7 @@ from cxr_embed.errors import ConfigError
 from cxr_embed.serve.uploads import read_uploads
 
 if TYPE_CHECKING:
-    from cxr_embed.serve.app import Service
+    from cxr_embed.serve.service import Service
 
 THUMB_SIZE = 128
 
@@ -136,7 +136,7 @@ def add_page_routes(app: FastAPI, svc: Service) -> None:
 
     @app.post("/lookup", response_class=HTMLResponse, include_in_schema=False)
     async def lookup(request: Request) -> HTMLResponse:
-        from cxr_embed.serve.app import neighbor_json, triage_uploads
+        from cxr_embed.serve.service import neighbor_json, triage_uploads
 
         rec = request.state.audit
         files, fields = await read_uploads(request, max_bytes=svc.config.max_bytes, max_files=1)
