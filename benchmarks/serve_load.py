@@ -153,22 +153,27 @@ def main() -> None:
         try:
             for server in (batched, single):  # warm-up: allocator, caches, first forwards
                 asyncio.run(load(server.url, bodies, min(64, args.requests), top))
-            before = rss_mb(batched.pid())
+            before = {
+                name: rss_mb(srv.pid()) for name, srv in (("batched", batched), ("one_at_a_time", single))
+            }
             levels = [measure(batched, bodies, args.requests, c, args.max_batch) for c in args.concurrency]
             ab: dict[str, list[dict]] = {"batched": [], "single": []}
             per_round = max(1, args.requests // args.rounds)
             for _ in range(args.rounds):
                 ab["batched"].append(measure(batched, bodies, per_round, top, args.max_batch))
                 ab["single"].append(measure(single, bodies, per_round, top, 1))
-            after = rss_mb(batched.pid())
+            after = {
+                name: rss_mb(srv.pid()) for name, srv in (("batched", batched), ("one_at_a_time", single))
+            }
         finally:
             batched.stop()
             single.stop()
     a, b = pooled(ab["batched"]), pooled(ab["single"])
     result = {
         "levels": levels,
-        "memory": {"rss_mb_after_warmup": round(before, 1), "rss_mb_end": round(after, 1),
-                   "rss_growth_pct": round(100 * (after - before) / before, 1)},
+        "memory_mb": {name: {"after_warmup": round(before[name], 1), "end": round(after[name], 1),
+                             "growth_pct": round(100 * (after[name] - before[name]) / before[name], 1)}
+                      for name in before},
         "ab_at_top_concurrency": {"concurrency": top, "batched": a, "one_at_a_time": b,
                                   "batching_speedup": round(a["req_per_s"] / b["req_per_s"], 2)},
     }  # fmt: skip

@@ -58,8 +58,13 @@ def serve(
     ] = None,
     k: Annotated[int, typer.Option("-k", "--k", min=1, help="Default number of neighbours.")] = 5,
     max_batch: Annotated[
-        int, typer.Option("--max-batch", min=1, help="Images per model forward (micro-batching).")
-    ] = 16,
+        int | None,
+        typer.Option(
+            "--max-batch",
+            min=1,
+            help="Images per model forward (micro-batching); default 16 on a GPU, 1 on CPU.",
+        ),
+    ] = None,
     max_wait_ms: Annotated[
         float, typer.Option("--max-wait-ms", min=0, help="How long a batch waits to fill.")
     ] = 5.0,

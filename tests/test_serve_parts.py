@@ -118,3 +118,15 @@ def test_key_ring_verifies_and_sees_revocation(tmp_path) -> None:
     path.chmod(0o644)
     with pytest.raises(ConfigError, match="chmod 600"):
         KeyRing(path)
+
+
+def test_batch_size_defaults_to_one_on_cpu_and_sixteen_on_gpu(tmp_path) -> None:
+    from cxr_embed.serve.config import ServeConfig, batch_size_for
+
+    auto = ServeConfig(store=tmp_path)
+    assert (batch_size_for(auto, "cpu"), batch_size_for(auto, "cuda")) == (1, 16)
+    assert batch_size_for(ServeConfig(store=tmp_path, max_batch=4), "cpu") == 4
+    assert (
+        ServeConfig.from_json(ServeConfig(store=tmp_path, keys=tmp_path / "k.json").to_json()).keys
+        == tmp_path / "k.json"
+    )

@@ -22,7 +22,7 @@ from fastapi.responses import JSONResponse, Response
 from cxr_embed.errors import CxrEmbedError, QueryError
 from cxr_embed.serve.audit import AuditLog
 from cxr_embed.serve.batching import BatchConfig, MicroBatcher
-from cxr_embed.serve.config import ServeConfig
+from cxr_embed.serve.config import ServeConfig, batch_size_for
 from cxr_embed.serve.engine import Engine, ImageAnswer, ImageQuery
 from cxr_embed.serve.keys import KeyRing
 from cxr_embed.serve.metrics import make_metrics
@@ -77,7 +77,7 @@ def create_app(config: ServeConfig, *, engine: Engine | None = None) -> FastAPI:
     metrics = make_metrics()
     batcher: MicroBatcher[ImageQuery, ImageAnswer] = MicroBatcher(
         engine.run_images,
-        BatchConfig(config.max_batch, config.max_wait_ms),
+        BatchConfig(batch_size_for(config, engine.model.device.type), config.max_wait_ms),
         engine.executor,
         on_batch=lambda n, s: (metrics.batch_size.observe(n), metrics.batch_seconds.observe(s)),
     )
