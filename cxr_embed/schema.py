@@ -89,28 +89,6 @@ RESULT_SCHEMAS: dict[str, pa.Schema] = {
             ("timings", pa.string()),
         ]
     ),
-    # one row per call to `cxr-embed serve`'s /v1 API (cxr_embed/serve/audit.py): no identifiers, no pixels
-    "audit": pa.schema(
-        [
-            ("time", pa.timestamp("us", tz="UTC")),
-            ("key_id", pa.string()),
-            ("endpoint", pa.string()),
-            ("status", pa.int32()),
-            ("input_kind", pa.string()),
-            ("inputs", pa.int32()),
-            ("input_bytes", pa.int64()),
-            ("model_id", pa.string()),
-            ("checkpoint_sha256", pa.string()),
-            ("classifier", pa.string()),
-            ("classifier_run", pa.string()),
-            ("classifier_sha256", pa.string()),
-            ("thresholds", pa.string()),
-            ("decision", pa.string()),
-            ("abstained", pa.int32()),
-            ("latency_ms", pa.float64()),
-            ("error", pa.string()),
-        ]
-    ),
 }
 
 
@@ -123,3 +101,28 @@ def shard_schema(dim: int) -> pa.Schema:
             *[pa.field(name, pa.string()) for name in IDENTITY_COLUMNS],
         ]
     )
+
+
+AUDIT_SCHEMA = pa.schema(
+    [
+        pa.field("time", pa.timestamp("us", tz="UTC")),
+        pa.field("key_id", pa.string()),
+        pa.field("endpoint", pa.string()),
+        pa.field("status", pa.int32()),
+        pa.field("input_kind", pa.string()),
+        pa.field("inputs", pa.int32()),
+        pa.field("input_bytes", pa.int64()),
+        pa.field("model_id", pa.string()),
+        pa.field("checkpoint_sha256", pa.string()),
+        pa.field("classifier", pa.string()),
+        pa.field("classifier_run", pa.string()),
+        pa.field("classifier_sha256", pa.string()),
+        pa.field("thresholds", pa.string()),
+        pa.field("decision", pa.string()),
+        pa.field("abstained", pa.int32()),
+        pa.field("latency_ms", pa.float64()),
+        pa.field("error", pa.string()),
+    ]
+)
+"""``results/audit/part-*.parquet``: one row per call to ``cxr-embed serve`` (cxr_embed/serve/audit.py);
+no identifiers, no pixels. Not a RESULT_SCHEMAS table: classify/finetune runs never write it."""

@@ -45,7 +45,7 @@ from cxr_embed import indexes
 from cxr_embed.atomicio import atomic_path, write_json_atomic, write_parquet_atomic
 from cxr_embed.errors import ConfigError, StoreError, StoreLockedError, StoreMismatchError
 from cxr_embed.records import FINDINGS, ImageRecord, ReadFailure
-from cxr_embed.schema import ERRORS_SCHEMA, IDENTITY_COLUMNS, METADATA_SCHEMA, RESULT_SCHEMAS, shard_schema
+from cxr_embed.schema import AUDIT_SCHEMA, ERRORS_SCHEMA, IDENTITY_COLUMNS, METADATA_SCHEMA, RESULT_SCHEMAS, shard_schema
 
 if TYPE_CHECKING:
     import duckdb
@@ -302,7 +302,7 @@ class Store:
             con.execute(f"CREATE VIEW images AS {_empty_select(meta_schema.remove(meta_schema.get_field_index('embedding')))}")
             emb = pa.schema([("row_id", pa.int64()), ("image_id", pa.string()), ("embedding", pa.list_(pa.float32(), self.dim))])
             con.execute(f"CREATE VIEW embeddings AS {_empty_select(emb)}")
-        for table, schema in RESULT_SCHEMAS.items():
+        for table, schema in {**RESULT_SCHEMAS, "audit": AUDIT_SCHEMA}.items():  # audit: `cxr-embed serve` calls
             files = self._result_files(table)
             body = f"SELECT * FROM read_parquet({_sql_list([str(f.resolve()) for f in files])})" if files else _empty_select(schema)
             con.execute(f"CREATE VIEW {table} AS {body}")

@@ -1,10 +1,11 @@
 """The audit trail of ``cxr-embed serve``: one row per API call in the store's ``audit`` table.
 
-Rows go to ``<store>/results/audit/part-*.parquet`` through :meth:`Store.write_results` (atomic
-temp + fsync + rename), so ``cxr-embed sql`` reads them as the view ``audit`` and the table is
-append-only: a part is never rewritten. This is the only thing the server writes into a store.
+Rows go to ``<store>/results/audit/part-*.parquet``, each part written atomically (temp + fsync +
+rename, :func:`cxr_embed.atomicio.write_parquet_atomic`) and never rewritten, so the table is
+append-only; ``Store.connect`` exposes it to ``cxr-embed sql`` as the view ``audit``. This is the
+only thing the server writes into a store.
 
-What a row holds (:data:`cxr_embed.schema.RESULT_SCHEMAS` ``["audit"]``): time, key id, endpoint,
+What a row holds (:data:`cxr_embed.schema.AUDIT_SCHEMA`): time, key id, endpoint,
 HTTP status, input kind / count / bytes, model id and checkpoint checksum, classifier name, run and
 checksum, thresholds, the decision(s), how many inputs abstained, latency and an error kind. Never
 an identifier, a file name, a pseudonym or a pixel: an auditor learns who asked what kind of
@@ -19,16 +20,18 @@ from __future__ import annotations
 
 import json
 import threading
+import time
+import uuid
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
 import pyarrow as pa
 
-from cxr_embed.schema import RESULT_SCHEMAS
+from cxr_embed.atomicio import write_parquet_atomic
+from cxr_embed.schema import AUDIT_SCHEMA
 
 AUDIT_TABLE = "audit"
-AUDIT_SCHEMA = RESULT_SCHEMAS[AUDIT_TABLE]
 
 
 @dataclass
@@ -78,7 +81,7 @@ class AuditLog:
 
     def flush(self) -> int:
         """Write every queued row as one new part; returns how many were written."""
-        from cxr_embed.store import Store
+        from cxr_embed.store import RESULTS_DIR
 
         with self._write_lock:
             with self._lock:
@@ -86,7 +89,7 @@ class AuditLog:
             if not rows:
                 return 0
             table = pa.Table.from_pylist([r.row() for r in rows], schema=AUDIT_SCHEMA)
-            # check_index=False: reads the manifest only (write_results needs nothing else)
-            Store.open(self.store_path, check_index=False).write_results(AUDIT_TABLE, table)
+            name = f"part-{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.parquet"  # sorts by time, like results
+            write_parquet_atomic(table, self.store_path / RESULTS_DIR / AUDIT_TABLE / name)
             self.written += len(rows)
             return len(rows)
