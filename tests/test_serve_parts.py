@@ -72,6 +72,7 @@ def _ds(**tags: object) -> Dataset:
         ({"NumberOfFrames": 3}, "multi-frame"),
     ],
 )
+@pytest.mark.filterwarnings("ignore:Invalid value for VR CS")  # the point of the unrecognised case
 def test_dicom_scope_rules(tags: dict, expected: str | None) -> None:
     reason = dicom_scope(_ds(**tags))
     assert (
@@ -130,3 +131,24 @@ def test_batch_size_defaults_to_one_on_cpu_and_sixteen_on_gpu(tmp_path) -> None:
         ServeConfig.from_json(ServeConfig(store=tmp_path, keys=tmp_path / "k.json").to_json()).keys
         == tmp_path / "k.json"
     )
+
+
+def test_a_timed_out_caller_does_not_stall_the_batcher() -> None:
+    """A request that gives up (the server's per-request timeout) is skipped; later ones are answered."""
+    import time
+
+    def slow_then_fast(items: list[float]) -> list[float]:
+        time.sleep(max(items))
+        return items
+
+    async def main() -> list[float]:
+        batcher = MicroBatcher(slow_then_fast, BatchConfig(max_batch=1, max_wait_ms=0), ThreadPoolExecutor(1))
+        batcher.start()
+        try:
+            with pytest.raises(asyncio.TimeoutError):
+                await asyncio.wait_for(batcher.submit([0.5]), 0.05)
+            return await asyncio.wait_for(batcher.submit([0.0]), 5)
+        finally:
+            await batcher.stop()
+
+    assert asyncio.run(main()) == [0.0]
