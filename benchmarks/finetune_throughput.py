@@ -29,10 +29,11 @@ def _one(args: argparse.Namespace) -> dict:
     import torch
     import torch.nn.functional as F
 
-    from cxr_embed.finetune import FineTuneNet, _autocast, param_groups
+    from cxr_embed.finetune import FineTuneNet, param_groups
     from cxr_embed.model.config import full_config, load_config
     from cxr_embed.model.davit import DaViT
     from cxr_embed.model.files import CONFIG_NAME, tiny_model_dir
+    from cxr_embed.precision import autocast
 
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
@@ -51,7 +52,7 @@ def _one(args: argparse.Namespace) -> dict:
     def step() -> None:
         opt.zero_grad(set_to_none=True)
         for _ in range(args.accumulate):
-            with _autocast(device, args.precision):
+            with autocast(device.type, args.precision):
                 logits = net(x)
             (F.binary_cross_entropy_with_logits(logits.float(), y) / args.accumulate).backward()
         torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)

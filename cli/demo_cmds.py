@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from cxr_embed_cli.classify_cmds import study_rows
 from cxr_embed_cli.output import (
     JsonOpt,
     ModelDirOpt,
@@ -46,7 +47,10 @@ def demo(
     force: Annotated[bool, typer.Option("--force", help="Replace a previous demo in --dir.")] = False,
     json_out: JsonOpt = False,
 ) -> None:
-    """Run everything offline on synthetic chest X-rays: synth → index → classify → fine-tune → search → SQL.
+    """Run everything offline on synthetic chest X-rays: synth → index → classify → fine-tune → study → search → SQL.
+
+    Both arms (5 classifiers on frozen embeddings, the fine-tuned model) are tested on the same
+    hold-out patients and compared with patient-clustered CIs and DeLong's paired test.
 
     Uses the official MedImageInsight weights when a model folder resolves (--model-dir,
     $CXR_EMBED_MODEL_DIR or `cxr-embed model pull`), else the tiny test model packaged with
@@ -64,10 +68,18 @@ def demo(
     if json_out:
         emit_json(result)
         return
+    print_result(result)
+
+
+def print_result(result) -> None:
+    """The demo's human-readable report of a :class:`cxr_embed.demo.DemoResult` (stdout; reminders on stderr)."""
     stdout.print()
     print_table(
-        [{k: row.get(k) for k in ("arm", "classifier", "roc_auc", "accuracy", "f1", "brier")} for row in result.study_table],
-        title="Normal vs Abnormal, pooled out-of-fold (frozen: 5 classifiers on embeddings; finetuned: end to end)",
+        study_rows(result.study_table),
+        columns=("arm", "classifier", "ROC-AUC [95% CI]", "accuracy", "F1", "Brier [95% CI]", "ΔAUC vs ref [95% CI]",
+                 "DeLong p"),
+        title=f"Normal vs Abnormal on the same {result.n_test_images} test images ({result.n_test_patients} patients, "
+        f"plan {result.plan_id}); 95% CIs resample patients; paired vs {result.reference} (DeLong p)",
     )
     for s in result.search:
         print_table(
@@ -75,7 +87,8 @@ def demo(
             title=f"Similar cases for {s['query']!r} (kNN-vote P(abnormal) = {_fmt(s['probability_abnormal'])})",
             columns=("rank", "image_id", "patient_id", "label", "findings", "similarity"),
         )
-    stdout.print("\n[bold]Explore the results with SQL[/] (views: images, embeddings, predictions, metrics, runs, errors):")
+    stdout.print("\n[bold]Explore the results with SQL[/] (views: images, embeddings, study, latest_metrics, "
+                 "latest_predictions, predictions, metrics, runs, splits, errors):")
     for ex in result.sql_examples:
         stdout.print(f"\n# {ex.title}", highlight=False)
         stdout.print(ex.command, highlight=False, markup=False, soft_wrap=True)

@@ -14,9 +14,12 @@ from cxr_embed_cli.output import (
     handle_errors,
     info,
     print_table,
+    stderr,
 )
+from cxr_embed_cli.reader_opts import with_reader_options
 
 
+@with_reader_options
 def finetune(
     ctx: typer.Context,
     source: Annotated[Path, typer.Argument(help="Dataset folder: ChestX-ray14, PNG/JPEG folder with labels, or DICOM.")],
@@ -24,9 +27,9 @@ def finetune(
     dataset: Annotated[str, typer.Option(help="auto | chestxray14 | folder | dicom.")] = "auto",
     model_dir: ModelDirOpt = None,
     epochs: Annotated[int, typer.Option(help="Training epochs (the cosine schedule spans all of them).")] = 10,
-    lr: Annotated[float, typer.Option(help="Peak AdamW learning rate (the study: 1e-5).")] = 1e-5,
+    lr: Annotated[str, typer.Option(help="Peak AdamW learning rate (the study: 1e-5); a list (1e-4,1e-5,1e-6) runs a sweep.")] = "1e-5",
     head_lr_scale: Annotated[float, typer.Option(help="The head's learning rate is --lr x this (1: the study's single rate; a fresh head learns faster with 10-100).")] = 1.0,
-    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay; none on norms, biases, depthwise convs.")] = 0.2,
+    weight_decay: Annotated[str, typer.Option(help="AdamW weight decay (none on norms, biases, depthwise convs); a list (0.1,0.2,0.3) runs a sweep.")] = "0.2",
     batch_size: Annotated[int, typer.Option(help="Images per optimizer step (the study: 48).")] = 48,
     accumulate: Annotated[int, typer.Option(help="Split each step into N micro-batches (same result, less memory).")] = 1,
     precision: PrecisionOpt = "fp32",
@@ -41,26 +44,43 @@ def finetune(
     max_steps: Annotated[int | None, typer.Option(help="Stop after N optimizer steps in total (checkpoint saved; --resume continues).")] = None,
     workers: Annotated[int, typer.Option(help="DataLoader worker processes for decoding.")] = 0,
     device: Annotated[str, typer.Option(help="auto | cuda | cpu.")] = "auto",
-    store: Annotated[Path | None, typer.Option("--store", "-s", help="Also write predictions/metrics/runs into this store.")] = None,
+    store: Annotated[str | None, typer.Option("--store", "-s", help="Write predictions/metrics/runs into this store and split by its evaluation plan (shared with classify and study).")] = None,
+    plan: Annotated[str | None, typer.Option("--plan", help="The store's plan to train and test on (default: the plan with --split/--folds/--where/--sample, made once).")] = None,
+    split: Annotated[str, typer.Option("--split", help="Plan kind with --store: holdout (train once), kfold (one model per fold: K GPU trainings), official.")] = "holdout",
+    folds: Annotated[int, typer.Option("--folds", help="Folds of a kfold plan (one fine-tuned model each).")] = 5,
+    where: Annotated[str | None, typer.Option("--where", help="Only images matching this SQL condition on the store's images view (part of the plan).")] = None,
+    sample: Annotated[int | None, typer.Option("--sample", help="A stratified subset of about N images made of whole patients (part of the plan).")] = None,
     resume: Annotated[bool, typer.Option(help="Continue the run in --out exactly where it stopped.")] = False,
     seed: Annotated[int, typer.Option(help="Seed of the split, data order, augmentation and initialisation.")] = 0,
     as_json: JsonOpt = False,
+    reader_options: dict | None = None,
 ) -> None:
-    """Fine-tune the MedImageInsight image tower end to end with a linear head.
+    """Fine-tune the MedImageInsight image tower end to end with a linear head (a GPU job at full size).
 
-    Patient-wise train/validation/test (ChestX-ray14's official lists when present), early stopping on validation ROC-AUC, temperature scaling on validation, then the same metrics, plots and predictions/metrics/runs tables as `classify` (arm "finetuned").
+    With --store the split is the store's evaluation plan, the one `classify` and `study` use, so both arms are tested on the same patients: a hold-out plan trains once; a kfold plan trains one model per fold (K full fine-tunings: plan GPU time accordingly). Without --store: patient-wise train/validation/test (ChestX-ray14's official lists when present). Early stopping on validation ROC-AUC, temperature scaling on validation (a warning when it cannot be trusted), then the same metrics (patient-clustered CIs), plots and tables as `classify` (arm "finetuned").
+
+    Lists for --lr and --weight-decay run a sweep: every cell is trained and selected on validation only; the selected cell alone is tested (sweep table in the store).
 
     The best model is exported to OUT/model in the official folder layout: `cxr-embed index --model-dir OUT/model` embeds with it. SIGTERM saves a checkpoint and exits with status 75; rerun with --resume to continue.
     """
     from cxr_embed.finetune import EXIT_INTERRUPTED, FineTuneConfig, resume_config
     from cxr_embed.finetune import finetune as run_finetune
+    from cxr_embed.finetune.sweep import parse_values, run_sweep
 
+    lrs, wds = parse_values(lr, "--lr"), parse_values(weight_decay, "--weight-decay")
     values = {"source": str(source), "dataset": dataset, "model_dir": str(model_dir) if model_dir else None,
-              "epochs": epochs, "lr": lr, "head_lr_scale": head_lr_scale, "weight_decay": weight_decay, "batch_size": batch_size,
+              "epochs": epochs, "lr": lrs[0], "head_lr_scale": head_lr_scale, "weight_decay": wds[0], "batch_size": batch_size,
               "accumulate": accumulate, "precision": precision, "grad_checkpointing": grad_checkpointing,
               "freeze_stages": freeze_stages, "label": label, "class_weighting": class_weighting, "ema": ema,
               "augment": augment, "hflip": hflip, "patience": patience, "max_steps": max_steps, "workers": workers,
-              "device": device, "store": str(store) if store else None, "seed": seed}
+              "device": device, "store": str(store) if store else None, "seed": seed, "plan": plan, "split": split,
+              "folds": folds, "where": where, "sample": sample}
+    if reader_options:
+        values["reader_options"] = reader_options
+    if len(lrs) > 1 or len(wds) > 1:
+        sweep = run_sweep(FineTuneConfig(out=str(out), **values), lrs, wds, progress=not as_json)
+        _report_sweep(sweep, as_json)
+        return
     if resume:
         # Only what was typed counts: defaults must not clash with the interrupted run's settings.
         # (Compared by name: typer ships its own copy of click's ParameterSource enum.)
@@ -76,8 +96,25 @@ def finetune(
         raise typer.Exit(EXIT_INTERRUPTED)
 
 
+def _report_sweep(sweep, as_json: bool) -> None:
+    rows = [{"lr": c.lr, "weight_decay": c.weight_decay, "status": c.status, "val_roc_auc": c.val_roc_auc,
+             "val_brier": c.val_brier, "selected": "yes" if c.selected else "", "run_id": c.run_id} for c in sweep.cells]
+    if as_json:
+        emit_json({"sweep_id": sweep.sweep_id, "cells": rows,
+                   "test_metrics": sweep.test.test_metrics if sweep.test else None, "warnings": sweep.warnings})
+        return
+    print_table(rows, title=f"Sweep {sweep.sweep_id}: selected on validation only")
+    if sweep.test is not None:
+        _report(sweep.test, False)
+    elif sweep.selected is not None:
+        info(f"The selected cell {sweep.selected.out} was tested before; its test results are in its result.json.")
+
+
 def _report(result, as_json: bool) -> None:
-    summary = {"status": result.status, "run_id": result.run_id, "out": str(result.out),
+    for w in result.warnings:
+        stderr.print(f"[bold yellow]Warning:[/] {w}", highlight=False)
+    summary = {"status": result.status, "run_id": result.run_id, "out": str(result.out), "plan_id": result.plan_id,
+               "warnings": result.warnings,
                "model_dir": str(result.model_dir) if result.model_dir else None, "temperature": result.temperature,
                "images": result.n_images, "best_epoch": result.state.best_epoch,
                "best_val_roc_auc": result.state.best_auc, "global_step": result.state.global_step,
@@ -90,7 +127,8 @@ def _report(result, as_json: bool) -> None:
              "accuracy": m.get("accuracy"), "f1": m.get("f1"), "brier": m.get("brier"), "ece": m.get("ece")}
             for t, m in result.test_metrics.items()]
     if rows:
-        print_table(rows, title=f"Fine-tuned, test split ({result.n_images.get('test', 0)} images) — {result.run_id}")
+        print_table(rows, title=f"Fine-tuned, test split ({result.n_images.get('test', 0)} images, plan "
+                                f"{result.plan_id or 'own split'}; 95% CI: patients resampled) — {result.run_id}")
     auc = "n/a" if result.state.best_auc is None else f"{result.state.best_auc:.3f}"
     temp = "n/a" if result.temperature is None else f"{result.temperature:.3g}"
     info(f"{result.status}: {result.state.global_step} steps, best epoch {result.state.best_epoch} "

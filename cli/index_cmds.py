@@ -7,22 +7,30 @@ from typing import Annotated
 
 import typer
 from cxr_embed_cli.output import (
+    EXIT_CODES_HELP,
+    EXIT_PARTIAL,
     DeviceOpt,
+    FormatOpt,
     JsonOpt,
     ModelDirOpt,
+    OutOpt,
     PrecisionOpt,
+    QuietOpt,
     StoreOpt,
-    emit_json,
+    WideOpt,
+    emit_record,
+    emit_rows,
     handle_errors,
     info,
-    print_fields,
-    print_table,
+    resolve_output,
 )
+from cxr_embed_cli.reader_opts import with_reader_options
 
 store_app = typer.Typer(help="Inspect and check an embedding store.", no_args_is_help=True)
 
 
 @handle_errors
+@with_reader_options
 def index_cmd(
     source: Annotated[Path, typer.Argument(help="Dataset: a ChestX-ray14 folder (or its Data_Entry CSV), an image folder or a DICOM folder.")],
     store: StoreOpt,
@@ -51,56 +59,95 @@ def index_cmd(
     cpus_per_worker: Annotated[
         float, typer.Option("--cpus-per-worker", min=0.01, help="--engine ray: CPUs per decode task / model actor.")
     ] = 1.0,
+    prune: Annotated[
+        bool, typer.Option("--prune", help="Remove stored rows whose image the source no longer lists (default: only report them).")
+    ] = False,
+    fmt: FormatOpt = None,
+    out: OutOpt = None,
     json_out: JsonOpt = False,
+    wide: WideOpt = False,
+    quiet: QuietOpt = False,
+    reader_options: dict | None = None,
+    link_file: Path | None = None,
 ) -> None:
     """Embed a dataset into a store (Parquet shards + FAISS index); rerun to resume or add new images.
 
     Only images the store does not hold yet are embedded, so rerunning the same command after a
     crash or kill finishes the job, and rerunning after adding images appends them. Unreadable
     images are recorded in errors.parquet and skipped. A store made with another model or
-    preprocessing is refused.
+    preprocessing is refused. DICOM folders are de-identified (keyed pseudonyms, no path, no date)
+    and only chest radiographs are taken: see the "Reading the dataset" options.
     """
+    from cxr_embed.errors import InputError
     from cxr_embed.job import IndexConfig, run_index
 
     config = IndexConfig(dataset=dataset, model_dir=model_dir, device=device, precision=precision, batch_size=batch_size,
                          workers=workers, limit=limit, shard_size=shard_size, index=index, engine=engine,
-                         ray_address=address, gpus_per_worker=gpus_per_worker, cpus_per_worker=cpus_per_worker)
-    summary = run_index(source, store, config, progress=not json_out)
-    if json_out:
-        emit_json(summary)
-        return
-    print_fields(
+                         ray_address=address, gpus_per_worker=gpus_per_worker, cpus_per_worker=cpus_per_worker,
+                         prune=prune, reader_options=reader_options or {}, link_file=link_file)
+    spec = resolve_output(fmt, out, as_json=json_out, wide=wide)
+    summary = run_index(source, store, config, progress=not quiet)
+    if summary.listed == 0:
+        raise InputError(_nothing_found(source, dataset), str(source))
+    emit_record(
+        summary,
         [
             ("store", summary.store),
             ("listed", summary.listed),
             ("already stored", summary.already_stored),
             ("embedded", summary.embedded),
-            ("failed", f"{summary.failed} {summary.failures_by_stage or ''}".strip()),
+            ("updated", summary.updated),
+            ("missing from source", summary.missing_from_source),
+            ("pruned", summary.pruned),
+            ("failed", summary.failed),
+            *((f"failed.{stage}", n) for stage, n in sorted(summary.failures_by_stage.items())),
             ("rows in store", summary.rows),
             ("index", summary.index_kind),
-            ("images/s", f"{summary.images_per_s:,.1f}"),
-            ("seconds", f"{summary.seconds:,.1f}"),
+            ("images/s", summary.images_per_s),
+            ("seconds", summary.seconds),
             ("model", f"{summary.model_id} on {summary.device} ({summary.precision})"),
         ],
+        spec,
         title="cxr-embed index",
     )
+    for note in summary.notes:
+        info(note)
     if summary.failed:
-        info(f"{summary.failed} input(s) failed; see `cxr-embed sql --store {summary.store} \"SELECT * FROM errors\"`.")
+        if not quiet:
+            info(f"{summary.failed} input(s) failed; see `cxr-embed sql --store {summary.store} \"SELECT * FROM errors\"`.")
+        raise typer.Exit(EXIT_PARTIAL)
+
+
+def _nothing_found(source: Path, dataset: str) -> str:
+    """What an empty listing looked for, so the user can tell a wrong path from a wrong --dataset."""
+    from cxr_embed.imageio import DICOM_SUFFIXES
+    from cxr_embed.readers.folder import IMAGE_SUFFIXES
+
+    looked = {
+        "chestxray14": "a ChestX-ray14 Data_Entry CSV and its PNG images",
+        "dicom": f"DICOM files ({', '.join(DICOM_SUFFIXES)} or DICM-tagged)",
+        "folder": f"image files ({', '.join(IMAGE_SUFFIXES)})",
+    }.get(dataset, f"a ChestX-ray14 CSV, DICOM files or image files ({', '.join(IMAGE_SUFFIXES)})")
+    return (
+        f"No images found in {source} (--dataset {dataset}): looked for {looked} in the folder and its "
+        "subfolders. Check the path, or name the layout with --dataset."
+    )
 
 
 @store_app.command("info")
 @handle_errors
-def info_cmd(store: StoreOpt, json_out: JsonOpt = False) -> None:
+def info_cmd(
+    store: StoreOpt, fmt: FormatOpt = None, out: OutOpt = None, json_out: JsonOpt = False, wide: WideOpt = False
+) -> None:
     """Counts, model identity, index kind and an errors summary of a store."""
+    spec = resolve_output(fmt, out, as_json=json_out, wide=wide)
     from cxr_embed.store import store_info
 
     details = store_info(store)
-    if json_out:
-        emit_json(details)
-        return
     rows = [
         ("path", details.path),
         ("model_id", details.model_id),
+        ("model_dir", details.model_dir),
         ("checkpoint_sha256", details.checkpoint_sha256),
         ("preprocess_fingerprint", details.preprocess_fingerprint),
         ("dim", details.dim),
@@ -109,34 +156,55 @@ def info_cmd(store: StoreOpt, json_out: JsonOpt = False) -> None:
         ("labels", details.labels),
         ("splits", details.splits),
         ("shards", details.shards),
-        ("index", f"{details.index_kind} ({details.index_rows} vectors) {details.index_params or ''}".strip()),
-        ("errors", f"{details.errors} {details.errors_by_stage or ''}".strip()),
+        ("index", details.index_kind),
+        ("index_vectors", details.index_rows),
+        ("index_params", details.index_params),
+        ("errors", details.errors),
+        ("errors_by_stage", details.errors_by_stage),
         ("size_mb", details.size_mb),
         ("updated_at", details.updated_at),
     ]
-    print_fields(rows, title="cxr-embed store")
+    emit_record(details, rows, spec, title="cxr-embed store")
 
 
-@store_app.command("validate")
+@store_app.command("validate", epilog="Exit codes: 0 every check passed; 1 a check failed or an error.")
 @handle_errors
-def validate_cmd(store: StoreOpt, json_out: JsonOpt = False) -> None:
+def validate_cmd(
+    store: StoreOpt, fmt: FormatOpt = None, out: OutOpt = None, json_out: JsonOpt = False, wide: WideOpt = False
+) -> None:
     """Check shards, row_ids, model identity and that the FAISS index holds exactly the Parquet vectors.
 
     Exits 1 when a check fails (warnings, such as orphan shards a killed run left, do not fail).
+    --format json prints the whole report; the other formats one row per check.
     """
+    from cxr_embed.errors import StoreDamagedError
+
+    spec = resolve_output(fmt, out, as_json=json_out, wide=wide)
     from cxr_embed.store import validate_store
 
     report = validate_store(store)
-    if json_out:
-        emit_json({"path": report.path, "ok": report.ok, "rows": report.rows, "checks": report.checks})
+    if spec.fmt == "json":
+        emit_record({"path": report.path, "ok": report.ok, "rows": report.rows, "checks": report.checks}, [], spec)
     else:
-        print_table([{"check": c.name, "status": c.status, "detail": c.detail} for c in report.checks],
-                    title=f"{report.path}: {'OK' if report.ok else 'FAILED'}")
+        emit_rows(
+            [{"check": c.name, "status": c.status, "detail": c.detail} for c in report.checks],
+            spec,
+            columns=("check", "status", "detail"),
+            title=f"{report.path}: {'OK' if report.ok else 'FAILED'}",
+        )
+        for problem in report.problems:
+            typer.echo(f"{problem.status.upper()}: {problem.name}: {problem.detail}. To fix: {problem.fix}.")
+    if spec.fmt != "table":
+        info(f"{report.path}: {'OK' if report.ok else 'FAILED'}")
     if not report.ok:
-        raise typer.Exit(1)
+        failed = sum(c.status == "fail" for c in report.problems)
+        raise StoreDamagedError(f"store {report.path} failed {failed} check(s); see the lines above for what to do.")
 
 
 def register(app: typer.Typer) -> None:
     """Add ``index`` and the ``store`` group to ``app``."""
-    app.command("index")(index_cmd)
+    from cxr_embed_cli import store_cmds
+
+    store_cmds.register(store_app)
+    app.command("index", epilog=EXIT_CODES_HELP)(index_cmd)
     app.add_typer(store_app, name="store")

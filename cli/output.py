@@ -1,39 +1,108 @@
-"""Shared CLI plumbing: error handling, JSON/table output, common options.
+"""Shared CLI plumbing: error handling, exit codes, the output layer, common options.
 
 Conventions every command follows:
 - results go to stdout, progress and logs to stderr;
-- ``--json`` prints one JSON document (``emit``) instead of a table;
+- rows and summaries are printed through ONE output layer (:mod:`cxr_embed_cli.formats`, re-exported
+  here): ``resolve_output`` + ``emit_rows`` / ``emit_record`` with the shared ``FormatOpt``, ``OutOpt``,
+  ``WideOpt`` and ``JsonOpt`` (a synonym of ``--format json``) options; see that module's docstring;
+- exit codes: 0 all done, 1 error (nothing done), 2 partial (some inputs failed: results for the rest
+  were written and the failures listed), 130 interrupted;
 - expected failures (:class:`cxr_embed.errors.CxrEmbedError`) print ``Error: <message>`` to stderr
-  and exit 1, never a traceback (``handle_errors``).
+  and exit 1, never a traceback (``handle_errors``); no text a user or a file supplied is ever
+  interpreted as rich markup.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
-import math
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
+from cxr_embed_cli.formats import (
+    FORMATS,
+    OutputSpec,
+    emit_record,
+    emit_rows,
+    format_cell,
+    format_float,
+    resolve_output,
+    to_jsonable,
+)
 from rich.console import Console
-from rich.table import Table
+from rich.text import Text
 
 from cxr_embed.errors import CxrEmbedError
 from cxr_embed.precision import PRECISION_HELP
+
+__all__ = [
+    "EXIT_ERROR",
+    "EXIT_INTERRUPTED",
+    "EXIT_OK",
+    "EXIT_PARTIAL",
+    "EXIT_CODES_HELP",
+    "FORMATS",
+    "OutputSpec",
+    "emit_json",
+    "emit_record",
+    "emit_rows",
+    "error",
+    "format_cell",
+    "format_float",
+    "handle_errors",
+    "info",
+    "print_fields",
+    "print_table",
+    "resolve_output",
+    "to_jsonable",
+    "one_line_warnings",
+    "warn",
+]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 stdout = Console(soft_wrap=True)
 stderr = Console(stderr=True, soft_wrap=True)
+"""Consoles for command modules' own lines. Text that comes from data, files or exceptions goes through
+``error``/``warn``/``info``/``emit_*``, which never interpret it as markup."""
 
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout instead of a table.")]
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_PARTIAL = 2
+EXIT_INTERRUPTED = 130
+EXIT_CODES_HELP = (
+    "Exit codes: 0 all done; 1 error, nothing done; 2 partial (some inputs failed: results for the rest "
+    "were written and the failures listed); 130 interrupted."
+)
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Same as --format json.")]
+FormatOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--format",
+        "-f",
+        help="table | csv | tsv | json | jsonl | parquet. Default: from the --out extension, else a table on a "
+        "terminal and TSV with a header when piped.",
+    ),
+]
+OutOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--out", "-o", help="Write the result to FILE (.csv .tsv .json .jsonl .parquet) instead of stdout."
+    ),
+]
+WideOpt = Annotated[
+    bool, typer.Option("--wide", help="Show every table column even when wider than the terminal.")
+]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or log lines on stderr.")]
+BatchSizeOpt = Annotated[int, typer.Option("--batch-size", min=1, help="Images per forward pass.")]
 StoreOpt = Annotated[
-    Path,
-    typer.Option("--store", "-s", help="Store directory (made by `cxr-embed index`).", envvar="CXR_EMBED_STORE"),
+    str,  # not Path: Path("s3://b/x") would become the local folder "s3:/b/x" and skip the object-store refusal
+    typer.Option("--store", "-s", help="Store directory or file:// URI (made by `cxr-embed index`).", envvar="CXR_EMBED_STORE"),
 ]
 ModelDirOpt = Annotated[
     Path | None,
@@ -55,30 +124,35 @@ def handle_errors(fn: F) -> F:
         try:
             return fn(*args, **kwargs)
         except CxrEmbedError as exc:
-            stderr.print(f"[bold red]Error:[/] {exc}", highlight=False, markup=True)
-            raise typer.Exit(1) from None
+            error(str(exc))
+            raise typer.Exit(EXIT_ERROR) from None
         except KeyboardInterrupt:
-            stderr.print("Interrupted.")
-            raise typer.Exit(130) from None
+            info("Interrupted.")
+            raise typer.Exit(EXIT_INTERRUPTED) from None
 
     return wrapper  # type: ignore[return-value]
 
 
-def to_jsonable(obj: Any) -> Any:
-    """Dataclasses, paths, numpy scalars/arrays and NaN → plain JSON values (NaN becomes null)."""
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return {k: to_jsonable(v) for k, v in dataclasses.asdict(obj).items()}
-    if isinstance(obj, dict):
-        return {str(k): to_jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple | set):
-        return [to_jsonable(v) for v in obj]
-    if isinstance(obj, Path):
-        return str(obj)
-    if isinstance(obj, float):
-        return None if math.isnan(obj) or math.isinf(obj) else obj
-    if hasattr(obj, "tolist"):  # numpy scalars and arrays
-        return to_jsonable(obj.tolist())
-    return obj
+def error(message: str) -> None:
+    """``Error: message`` on stderr; the message is plain text (a file name like ``[/x]`` is not markup)."""
+    stderr.print(Text.assemble(("Error:", "bold red"), " ", message))
+
+
+def one_line_warnings() -> None:
+    """Show every Python warning as one ``Warning: … (Category)`` line, without source lines or paths.
+
+    Warnings a command already handles are filtered where they arise; this only shapes the rest.
+    """
+
+    def show(message: Warning | str, category: type[Warning], *_: Any, **__: Any) -> None:
+        warn(f"{message} ({category.__name__})")
+
+    warnings.showwarning = show  # type: ignore[assignment]
+
+
+def warn(message: str) -> None:
+    """One ``Warning: …`` line on stderr (newlines folded: every warning the user sees is one line)."""
+    stderr.print(Text.assemble(("Warning:", "yellow"), " ", " ".join(message.split())))
 
 
 def emit_json(obj: Any) -> None:
@@ -87,30 +161,18 @@ def emit_json(obj: Any) -> None:
     sys.stdout.flush()
 
 
-def print_table(rows: Sequence[dict[str, Any]], title: str | None = None, columns: Sequence[str] | None = None) -> None:
-    """Print dict rows as a rich table on stdout; floats get 4 decimals."""
-    cols = list(columns) if columns is not None else (list(rows[0].keys()) if rows else [])
-    table = Table(title=title, show_lines=False)
-    for c in cols:
-        table.add_column(str(c))
-    for row in rows:
-        table.add_row(*[_fmt(row.get(c)) for c in cols])
-    stdout.print(table)
+def print_table(
+    rows: Sequence[dict[str, Any]], title: str | None = None, columns: Sequence[str] | None = None
+) -> None:
+    """A terminal table of dict rows (commands not yet offering ``--format``; prefer :func:`emit_rows`)."""
+    emit_rows(rows, OutputSpec("table"), columns=columns, title=title)
 
 
 def print_fields(pairs: Sequence[tuple[str, Any]], title: str | None = None) -> None:
-    """Print (field, value) pairs as a two-column table: the shape of every summary and info command."""
-    print_table([{"field": k, "value": v} for k, v in pairs], title=title, columns=("field", "value"))
-
-
-def _fmt(v: Any) -> str:
-    if v is None:
-        return ""
-    if isinstance(v, float):
-        return "nan" if math.isnan(v) else f"{v:.4f}"
-    return str(v)
+    """(field, value) pairs as a two-column terminal table (prefer :func:`emit_record`)."""
+    emit_record(dict(pairs), pairs, OutputSpec("table"), title=title)
 
 
 def info(message: str) -> None:
-    """A log line on stderr."""
-    stderr.print(message, highlight=False)
+    """A log line on stderr (plain text, never markup)."""
+    stderr.print(message, markup=False, highlight=False, emoji=False)

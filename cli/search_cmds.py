@@ -6,16 +6,46 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from cxr_embed_cli.output import JsonOpt, ModelDirOpt, StoreOpt, emit_json, handle_errors, info, print_table
+from cxr_embed_cli.output import (
+    DeviceOpt,
+    FormatOpt,
+    JsonOpt,
+    ModelDirOpt,
+    OutOpt,
+    PrecisionOpt,
+    StoreOpt,
+    WideOpt,
+    emit_record,
+    emit_rows,
+    handle_errors,
+    info,
+    resolve_output,
+)
 
-_COLUMNS = ("rank", "similarity", "image_id", "patient_id", "label", "findings", "view", "sex", "age", "split")
-"""Table columns; ``--json`` adds each neighbour's path and row_id."""
+_COLUMNS = (
+    "rank",
+    "similarity",
+    "image_id",
+    "patient_id",
+    "label",
+    "findings",
+    "view",
+    "sex",
+    "age",
+    "split",
+)
+"""Table columns; the other formats add each neighbour's path and row_id, and JSON is the whole result."""
+_FILE_COLUMNS = (*_COLUMNS, "row_id", "path")
 
 
 def search(
     store: StoreOpt,
-    image: Annotated[Path | None, typer.Option("--image", help="Query with this X-ray file (PNG/JPEG/DICOM).")] = None,
-    image_id: Annotated[str | None, typer.Option("--id", help="Query with the stored vector of this image_id.")] = None,
+    image: Annotated[
+        Path | None, typer.Option("--image", help="Query with this X-ray file (PNG/JPEG/DICOM).")
+    ] = None,
+    image_id: Annotated[
+        str | None, typer.Option("--id", help="Query with the stored vector of this image_id.")
+    ] = None,
     text: Annotated[
         str | None, typer.Option("--text", help='Query with a text description, e.g. "pleural effusion".')
     ] = None,
@@ -32,26 +62,36 @@ def search(
         bool,
         typer.Option(
             "--exclude-same-patient",
-            help="Drop every image of the query's patient (known from the store, or from --patient-id).",
+            help="Also drop the other images of the query's patient (known from the store, or from --patient-id); "
+            "the query image itself is never returned.",
         ),
     ] = False,
     patient_id: Annotated[
         str | None, typer.Option("--patient-id", help="Patient of an --image query that is not in the store.")
     ] = None,
     model_dir: ModelDirOpt = None,
+    device: DeviceOpt = "auto",
+    precision: PrecisionOpt = "fp32",
+    fmt: FormatOpt = None,
+    out: OutOpt = None,
     as_json: JsonOpt = False,
+    wide: WideOpt = False,
 ) -> None:
     """Find the k most similar stored X-rays and a kNN-vote probability of abnormal.
 
     Exactly one of --image, --id or --text. An --image is embedded with the store's own model and
     preprocessing (refused if --model-dir holds a different checkpoint); --text uses the text tower.
     Similarity is cosine; the probability weights each labelled neighbour's vote by its similarity.
+    A stored query image (--id, or an --image file that is in the store) is never its own neighbour,
+    so its label never counts in the vote.
+    --format json (or --json) prints the whole result; the other formats one row per neighbour.
     """
     from cxr_embed.errors import ConfigError
 
+    spec = resolve_output(fmt, out, as_json=as_json, wide=wide)
     given = [name for name, v in (("--image", image), ("--id", image_id), ("--text", text)) if v is not None]
     if len(given) != 1:
-        raise ConfigError("Give exactly one query: --image PATH, --id IMAGE_ID or --text \"...\".")
+        raise ConfigError('Give exactly one query: --image PATH, --id IMAGE_ID or --text "...".')
     if text is not None and exclude_same_patient:
         raise ConfigError("--exclude-same-patient needs an image query (--image or --id), not --text.")
 
@@ -62,30 +102,45 @@ def search(
     if image_id is not None:
         result = retrieval.search_by_ids(st, [image_id], k, where, exclude_same_patient)[0]
     else:
-        from cxr_embed.model import MedImageInsight
+        from cxr_embed.store import load_store_model
 
-        model = MedImageInsight.load(model_dir)
+        model = load_store_model(st, model_dir, device=device, precision=precision)  # the store's model unless --model-dir
         if image is not None:
             pids = [patient_id] if patient_id is not None else None
             result = retrieval.search_by_images(st, model, [image], k, where, exclude_same_patient, pids)[0]
         else:
             result = retrieval.search_by_texts(st, model, [text], k, where)[0]
 
-    if as_json:
-        emit_json(result)
+    prob = (
+        "n/a (no labelled neighbours)"
+        if result.probability_abnormal is None
+        else f"{result.probability_abnormal:.3f}"
+    )
+    if spec.fmt == "json":
+        emit_record(result, [], spec)
         return
-    rows = [
-        {
-            **{c: getattr(n, c) for c in _COLUMNS},
-            "findings": ", ".join(n.findings or ()),
-            "age": None if n.age is None else f"{n.age:g}",
-        }
-        for n in result.neighbors
-    ]
-    print_table(rows, title=f"{len(rows)} neighbours of {result.query}", columns=_COLUMNS)
-    prob = "n/a (no labelled neighbours)" if result.probability_abnormal is None else f"{result.probability_abnormal:.3f}"
-    typer.echo(f"kNN-vote probability of abnormal: {prob}")
-    info(f"{result.candidates} candidate rows, ranked by {result.strategy}")
+    import pyarrow as pa
+
+    rows = pa.Table.from_pylist(
+        [
+            {**{c: getattr(n, c) for c in _FILE_COLUMNS}, "findings": ", ".join(n.findings or ())}
+            for n in result.neighbors
+        ]
+    )
+    if not rows.num_rows:  # nothing matched --where: still the same columns
+        rows = pa.table({c: pa.array([], pa.string()) for c in _FILE_COLUMNS})
+    else:  # similarities are float32: print them as such (0.9839, not 0.98390001…)
+        rows = rows.set_column(
+            rows.schema.get_field_index("similarity"), "similarity", rows["similarity"].cast(pa.float32())
+        )
+    if spec.fmt == "table":
+        emit_rows(rows, spec, columns=_COLUMNS, title=f"{rows.num_rows} neighbours of {result.query}")
+        typer.echo(f"kNN-vote probability of abnormal: {prob}")
+    else:
+        emit_rows(rows, spec, columns=_FILE_COLUMNS)
+        info(f"kNN-vote probability of abnormal: {prob}")
+    own = "" if result.excluded_row is None else " (the query image itself left out)"
+    info(f"{result.candidates} candidate rows{own}, ranked by {result.strategy}")
 
 
 def register(app: typer.Typer) -> None:

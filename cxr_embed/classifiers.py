@@ -34,7 +34,13 @@ README's classify section.
 Every classifier is trained with ``fit(X, y, X_val, y_val)``: ``(X_val, y_val)`` is a
 patient-disjoint slice of the *training* data (see :mod:`cxr_embed.evaluation`) used for
 hyper-parameter choice, early stopping and Platt scaling, never the test fold.
-Fitted state is numpy arrays and sklearn estimators only, so models persist with skops.
+
+Fitted state is numpy arrays plus a few JSON scalars (the forest is saved as flat node arrays with
+a numpy predictor, logistic regression as its coefficients), so a saved classifier is a
+safetensors file of arrays and a JSON file of parameters that loading turns back into these
+classes without running any code from the file: :meth:`get_state` / :meth:`from_state` here, the
+files in :mod:`cxr_embed.classifier_files`. Each class declares what it stores: ``PARAMS`` (JSON
+scalars) and ``ARRAYS`` (name -> dtype and symbolic shape, checked on load).
 """
 
 from __future__ import annotations
@@ -47,6 +53,7 @@ import numpy as np
 import scipy.linalg
 
 from cxr_embed import metrics
+from cxr_embed.array_state import Persistent, TreeEnsemble
 from cxr_embed.errors import ConfigError
 
 CLASSIFIER_NAMES: tuple[str, ...] = ("svm", "lr", "knn", "rf", "mlp")
@@ -134,11 +141,17 @@ def _sigmoid(z: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-np.clip(z, -50, 50)))
 
 
-class LogisticClassifier:
-    """sklearn logistic regression (lbfgs) on standardised embeddings; C chosen on the held-out slice."""
+class LogisticClassifier(Persistent):
+    """sklearn logistic regression (lbfgs) on standardised embeddings; C chosen on the held-out slice.
+
+    Only the fitted coefficients are kept (float32, as sklearn fits them on float32 inputs):
+    prediction is sklearn's own formula, expit(z.w + b), in the same precision.
+    """
 
     name = "lr"
     grid = (0.01, 0.1, 1.0)
+    PARAMS = ("C", "seed", "tune_rows", "C_", "intercept_")
+    ARRAYS = {"scaler.mean": ("float32", ("d",)), "scaler.scale": ("float32", ("d",)), "coef": ("float32", ("d",))}
 
     def __init__(self, C: float | None = None, seed: int = 0, tune_rows: int = 20_000):
         self.C, self.seed, self.tune_rows = C, seed, tune_rows
@@ -161,11 +174,21 @@ class LogisticClassifier:
                 }
                 C = max(scores, key=scores.get)
         self.C_ = C
-        self.model_ = LogisticRegression(C=C, max_iter=1000).fit(Z, y)
+        model = LogisticRegression(C=C, max_iter=1000).fit(Z, y)
+        self.coef_, self.intercept_ = _f32(model.coef_[0]), float(model.intercept_[0])
         return self
 
     def predict_proba(self, X) -> np.ndarray:
-        return self.model_.predict_proba(self.scaler_(_f32(X)))[:, 1].astype(np.float64)
+        from scipy.special import expit
+
+        return expit(self.scaler_(_f32(X)) @ self.coef_ + np.float32(self.intercept_)).astype(np.float64)
+
+    def _arrays(self) -> dict[str, np.ndarray]:
+        return {"scaler.mean": self.scaler_.mean, "scaler.scale": self.scaler_.scale, "coef": self.coef_}
+
+    def _set_arrays(self, arrays, dims) -> None:
+        self.scaler_ = Standardizer(arrays["scaler.mean"], arrays["scaler.scale"])
+        self.coef_ = arrays["coef"]
 
 
 def _squared_hinge_svm(F: np.ndarray, t: np.ndarray, C: float) -> tuple[np.ndarray, float]:
@@ -192,12 +215,18 @@ def _squared_hinge_svm(F: np.ndarray, t: np.ndarray, C: float) -> tuple[np.ndarr
     return res.x[:m].astype(np.float32), float(res.x[m])
 
 
-class SvmClassifier:
+class SvmClassifier(Persistent):
     """RBF-kernel SVM by Nystroem features + squared-hinge linear SVM (L-BFGS) + Platt scaling."""
 
     name = "svm"
 
     grid = (0.25, 0.5, 1.0)
+    PARAMS = ("C", "n_landmarks", "seed", "tune_rows", "C_", "gamma_", "intercept_", "platt_")
+    ARRAYS = {
+        "landmarks": ("float32", ("m", "d")),
+        "normalizer": ("float32", ("m", "m")),
+        "coef": ("float32", ("f",)),  # f = d + m: the linear part, then the Nystroem features
+    }
 
     def __init__(self, C: float | None = None, n_landmarks: int = 1024, seed: int = 0, tune_rows: int = 20_000):
         self.C, self.n_landmarks, self.seed, self.tune_rows = C, n_landmarks, seed, tune_rows
@@ -270,12 +299,32 @@ class SvmClassifier:
         a, b = self.platt_
         return _sigmoid(a * self._decision(self._features(_f32(X))).astype(np.float64) + b)
 
+    def _arrays(self) -> dict[str, np.ndarray]:
+        return {"landmarks": self.landmarks_, "normalizer": self.normalizer_, "coef": self.coef_}
 
-class KnnClassifier:
-    """Uniform k-nearest-neighbour vote with FAISS exact L2 search in a PCA-reduced space."""
+    def _set_arrays(self, arrays, dims) -> None:
+        if dims["f"] != dims["d"] + dims["m"] or len(self.platt_) != 2:
+            raise ValueError("coef must hold d + m weights and platt_ two numbers")
+        self.landmarks_, self.normalizer_, self.coef_ = arrays["landmarks"], arrays["normalizer"], arrays["coef"]
+
+
+class KnnClassifier(Persistent):
+    """Uniform k-nearest-neighbour vote with FAISS exact L2 search in a PCA-reduced space.
+
+    The saved state holds the reduced training vectors and their labels (the FAISS index is
+    rebuilt from them on first use). A query row is never among them in cross-validation: test
+    folds are disjoint from the training rows, so an out-of-fold vote never counts the row itself.
+    """
 
     name = "knn"
     grid = (5, 15, 31, 63, 127)
+    PARAMS = ("k", "n_components", "seed", "k_")
+    ARRAYS = {
+        "pca.mean": ("float32", ("d",)),
+        "pca.components": ("float32", ("d", "c")),
+        "train": ("float32", ("n", "c")),
+        "labels": ("float32", ("n",)),
+    }
 
     def __init__(self, k: int | None = None, n_components: int = 512, seed: int = 0):
         self.k, self.n_components, self.seed = k, n_components, seed
@@ -289,10 +338,6 @@ class KnnClassifier:
             self._faiss = faiss.IndexFlatL2(self.train_.shape[1])
             self._faiss.add(self.train_)
         return self._faiss
-
-    def __getstate__(self) -> dict:
-        # the FAISS index is rebuilt from train_ on demand; it is not part of the saved state
-        return {k: v for k, v in self.__dict__.items() if k != "_faiss"}
 
     def _votes(self, X: np.ndarray, k_max: int) -> np.ndarray:
         _, idx = self._index().search(self.pca_(_f32(X)), min(k_max, len(self.train_)))
@@ -320,11 +365,36 @@ class KnnClassifier:
     def predict_proba(self, X) -> np.ndarray:
         return self._votes(X, self.k_).mean(1).astype(np.float64)
 
+    def _arrays(self) -> dict[str, np.ndarray]:
+        return {"pca.mean": self.pca_.mean, "pca.components": self.pca_.components, "train": self.train_,
+                "labels": self.labels_}
 
-class ForestClassifier:
-    """sklearn random forest on the top principal components (see the module table for the settings)."""
+    def _set_arrays(self, arrays, dims) -> None:
+        if not isinstance(self.k_, int) or not 1 <= self.k_ <= dims["n"]:
+            raise ValueError(f"k_ must be an integer between 1 and the {dims['n']} training rows")
+        self.pca_ = Pca(arrays["pca.mean"], arrays["pca.components"])
+        self.train_, self.labels_, self._faiss = arrays["train"], arrays["labels"], None
+
+
+class ForestClassifier(Persistent):
+    """sklearn random forest on the top principal components (see the module table for the settings).
+
+    Saved as a :class:`TreeEnsemble` (node arrays); a reloaded forest predicts with its numpy walk,
+    which equals sklearn's to 1e-12. The freshly fitted one keeps sklearn's compiled predictor for
+    the cross-validation folds: it is 4x faster on ChestX-ray14-sized trees (2.3 s vs 8.9 s for
+    22,400 rows x 100 trees of ~3,400 nodes, one core).
+    """
 
     name = "rf"
+    PARAMS = ("n_estimators", "n_components", "max_samples", "seed")
+    ARRAYS = {
+        "pca.mean": ("float32", ("d",)),
+        "pca.components": ("float32", ("d", "c")),
+        **{f"trees.{k}": ("int64", ("nodes",)) for k in ("left", "right", "feature")},
+        "trees.threshold": ("float64", ("nodes",)),
+        "trees.value": ("float64", ("nodes",)),
+        "trees.roots": ("int64", ("trees",)),
+    }
 
     def __init__(self, n_estimators: int = 100, n_components: int = 64, max_samples: int = 20_000, seed: int = 0):
         self.n_estimators, self.n_components, self.max_samples, self.seed = n_estimators, n_components, max_samples, seed
@@ -342,18 +412,42 @@ class ForestClassifier:
             n_jobs=-1 if X.size >= SMALL_WORK else 1,
             random_state=self.seed,
         ).fit(self.pca_(X), y)
-        self.model_.n_jobs = None  # saved models must not pin a thread count
+        self.trees_ = TreeEnsemble.from_sklearn(self.model_)
         return self
 
     def predict_proba(self, X) -> np.ndarray:
+        Z = self.pca_(_f32(X))
+        if self.model_ is None:
+            return self.trees_.predict_proba(Z)
         self.model_.n_jobs = -1 if X.size >= SMALL_WORK else 1
-        return self.model_.predict_proba(self.pca_(_f32(X)))[:, 1]
+        return self.model_.predict_proba(Z)[:, 1]
+
+    def _arrays(self) -> dict[str, np.ndarray]:
+        trees = {f"trees.{k}": v for k, v in vars(self.trees_).items()}
+        return {"pca.mean": self.pca_.mean, "pca.components": self.pca_.components, **trees}
+
+    def _set_arrays(self, arrays, dims) -> None:
+        self.pca_, self.model_ = Pca(arrays["pca.mean"], arrays["pca.components"]), None
+        self.trees_ = TreeEnsemble(**{k.removeprefix("trees."): v for k, v in arrays.items() if k.startswith("trees.")})
+        self.trees_.check(dims["c"])
 
 
-class MlpClassifier:
-    """One-hidden-layer torch MLP with early stopping on the held-out slice; weights kept as numpy."""
+class MlpClassifier(Persistent):
+    """One-hidden-layer torch MLP with early stopping on the held-out slice; weights kept as numpy.
+
+    The saved arrays are the torch ``state_dict`` under ``net.`` (plus the standardiser).
+    """
 
     name = "mlp"
+    PARAMS = ("hidden", "epochs", "patience", "lr", "seed", "dim_")
+    ARRAYS = {
+        "scaler.mean": ("float32", ("d",)),
+        "scaler.scale": ("float32", ("d",)),
+        "net.0.weight": ("float32", ("h", "d")),
+        "net.0.bias": ("float32", ("h",)),
+        "net.3.weight": ("float32", (1, "h")),
+        "net.3.bias": ("float32", (1,)),
+    }
 
     def __init__(self, hidden: int = 128, epochs: int = 20, patience: int = 2, lr: float = 1e-3, seed: int = 0):
         self.hidden, self.epochs, self.patience, self.lr, self.seed = hidden, epochs, patience, lr, seed
@@ -422,8 +516,18 @@ class MlpClassifier:
         net.load_state_dict({k: torch.from_numpy(v) for k, v in self.weights_.items()})
         return _sigmoid(self._logits(net, _f32(self.scaler_(_f32(X)))).astype(np.float64))
 
+    def _arrays(self) -> dict[str, np.ndarray]:
+        net = {f"net.{k}": v for k, v in self.weights_.items()}
+        return {"scaler.mean": self.scaler_.mean, "scaler.scale": self.scaler_.scale, **net}
 
-_REGISTRY = {
+    def _set_arrays(self, arrays, dims) -> None:
+        if (dims["d"], dims["h"]) != (self.dim_, self.hidden):
+            raise ValueError(f"weights are {dims['h']} x {dims['d']}, parameters say {self.hidden} x {self.dim_}")
+        self.scaler_ = Standardizer(arrays["scaler.mean"], arrays["scaler.scale"])
+        self.weights_ = {k.removeprefix("net."): v for k, v in arrays.items() if k.startswith("net.")}
+
+
+_REGISTRY: dict[str, type[Persistent]] = {
     "svm": SvmClassifier,
     "lr": LogisticClassifier,
     "knn": KnnClassifier,
@@ -431,8 +535,13 @@ _REGISTRY = {
     "mlp": MlpClassifier,
 }
 
-#: Types a saved model may contain (the skops trust list for :func:`cxr_embed.evaluation.load_model`).
-CLASSIFIER_TYPES = tuple(_REGISTRY.values()) + (Standardizer, Pca)
+
+
+def classifier_class(name: str) -> type[Persistent]:
+    """The class saved under ``name`` (a saved file names its classifier; nothing else is ever built)."""
+    if name not in _REGISTRY:
+        raise ConfigError(f"Unknown classifier {name!r}; choose from {', '.join(CLASSIFIER_NAMES)}.")
+    return _REGISTRY[name]
 
 
 def parse_models(spec: str) -> list[str]:
@@ -446,6 +555,4 @@ def parse_models(spec: str) -> list[str]:
 
 def make_classifier(name: str, seed: int = 0):
     """A fresh, unfitted classifier by name with the documented defaults."""
-    if name not in _REGISTRY:
-        raise ConfigError(f"Unknown classifier {name!r}; choose from {', '.join(CLASSIFIER_NAMES)}.")
-    return _REGISTRY[name](seed=seed)
+    return classifier_class(name)(seed=seed)

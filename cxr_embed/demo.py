@@ -7,15 +7,17 @@ network and no GPU, in minutes. It chains the real library stages (nothing here 
 2. ``job.run_index``: the embedding store (Parquet + FAISS), with the official weights when a model
    folder resolves, else the tiny test model packaged with cxr-embed (a loud notice says its numbers
    mean nothing clinically: it only proves the pipeline);
-3. ``evaluation.classify_store``: the five classifiers with patient-grouped CV (arm ``frozen``);
-4. ``finetune.finetune``: a short end-to-end fine-tune writing into the same store (arm
-   ``finetuned``), so one SQL query compares the arms;
+3. ``evaluation.classify_store``: the five classifiers on a patient-disjoint hold-out plan stored in
+   the store (arm ``frozen``);
+4. ``finetune.finetune``: a short end-to-end fine-tune on the *same* plan, writing into the same
+   store (arm ``finetuned``), then ``study.run_study``: both arms on the same test images, with
+   patient-clustered CIs and the paired DeLong test;
 5. ``retrieval``: similar cases for a stored image (own patient excluded) and for a text query;
 6. ``sql.run_query``: the example queries the demo prints are run once, so they are known to work.
 
 Why 200 images at 512 px by default: with the tiny model a 480² forward costs ~0.05-0.1 s of CPU per
 image and fine-tuning ~3x that, so the whole demo stays well inside 10 minutes on 2 cores while
-every classifier still has enough patients for 5 grouped folds.
+the hold-out test set both arms are scored on still holds a few dozen images of ~18 patients.
 """
 
 from __future__ import annotations
@@ -32,9 +34,8 @@ from cxr_embed.errors import ConfigError, ModelNotFoundError
 
 DEFAULT_DIR = Path("cxr-embed-demo")
 MARKER = "demo.json"
-MIN_IMAGES = 40  # 5 patient-grouped folds and a fine-tuning val/test split need a few dozen images
+MIN_IMAGES = 40  # train/validation/test patients with both classes each need a few dozen images
 TEXT_QUERY = "pleural effusion"
-STUDY_COLUMNS = ("arm", "classifier", "roc_auc", "accuracy", "f1", "brier")
 
 TINY_MODEL_NOTICE = (
     "NOTICE: no MedImageInsight weights were found, so this demo uses the TINY TEST MODEL packaged with "
@@ -69,7 +70,7 @@ class DemoConfig:
     model_dir: Path | None = None
     finetune: bool = True
     finetune_epochs: int = 2
-    folds: int = 5
+    test_fraction: float = 0.3  # share of patients in the hold-out test set both arms are scored on
     k: int = 5
     n_boot: int = 200  # bootstrap replicates of the ROC-AUC CI (1000 in `classify`; 200 keeps the demo quick)
     notebooks: bool = False  # also execute notebooks/*.ipynb on the store (executed copies + PNG figures)
@@ -78,7 +79,7 @@ class DemoConfig:
 
     def validate(self) -> None:
         if self.n < MIN_IMAGES:
-            raise ConfigError(f"--n must be at least {MIN_IMAGES}: 5 patient-grouped folds need a few dozen images.")
+            raise ConfigError(f"--n must be at least {MIN_IMAGES}: train, validation and test patients need a few dozen images.")
         if not 64 <= self.image_size <= 2048:
             raise ConfigError("The demo's image size must be between 64 and 2048 pixels.")
         if self.finetune_epochs < 1 or self.k < 1:
@@ -110,7 +111,12 @@ class DemoResult:
     n_patients: int
     n_abnormal: int
     n_errors: int
-    study_table: list[dict[str, Any]]
+    study_table: list[dict[str, Any]]  # one row per arm, same test rows: metrics, CIs, paired test vs reference
+    study_id: str
+    plan_id: str
+    reference: str
+    n_test_images: int
+    n_test_patients: int
     search: list[dict[str, Any]]
     sql_examples: list[SqlExample]
     notebooks_command: str
@@ -182,18 +188,25 @@ def run_demo(config: DemoConfig, log: Log | None = None) -> DemoResult:
     store = _index(data, store_dir, model_dir, config)
     timings["index"] = time.perf_counter() - t0
 
-    say(f"[3/6] Classifying Normal/Abnormal with 5 classifiers, {config.folds}-fold patient-grouped CV")
+    say(f"[3/6] Classifying Normal/Abnormal with 5 classifiers on a hold-out plan ({config.test_fraction:g} of "
+        "patients as test)")
     t0 = time.perf_counter()
-    _classify(store, config)
+    classified = _classify(store, config)
+    plan_id = classified.plan_id
+    notices.extend(f"NOTICE: classify: {w}" for w in classified.warnings)
     timings["classify"] = time.perf_counter() - t0
 
     if config.finetune:
-        say(f"[4/6] Fine-tuning the image tower for {config.finetune_epochs} epoch(s) into {ft_dir}")
+        say(f"[4/6] Fine-tuning the image tower for {config.finetune_epochs} epoch(s) into {ft_dir}, same plan")
         t0 = time.perf_counter()
-        _finetune(data, ft_dir, store_dir, model_dir, tiny, config)
+        warnings = _finetune(data, ft_dir, store_dir, model_dir, tiny, config, plan_id).warnings
+        notices.extend(f"NOTICE: fine-tuning: {w}" for w in warnings)
         timings["finetune"] = time.perf_counter() - t0
     else:
         say("[4/6] Fine-tuning skipped (--skip-finetune)")
+    t0 = time.perf_counter()
+    study = _study(store, config, plan_id)
+    timings["study"] = time.perf_counter() - t0
 
     say(f"[5/6] Searching similar cases (k={config.k}, same patient excluded) and by text '{TEXT_QUERY}'")
     t0 = time.perf_counter()
@@ -202,7 +215,7 @@ def run_demo(config: DemoConfig, log: Log | None = None) -> DemoResult:
 
     say("[6/6] Running the example SQL")
     t0 = time.perf_counter()
-    examples, study = _sql_examples(store, search[0]["query"])
+    examples = _sql_examples(store, search[0]["query"])
     timings["sql"] = time.perf_counter() - t0
 
     notebooks: list[dict[str, Any]] = []
@@ -217,7 +230,8 @@ def run_demo(config: DemoConfig, log: Log | None = None) -> DemoResult:
         out=str(out), data=str(data), store=str(store_dir), finetune_out=str(ft_dir) if config.finetune else None,
         model_dir=str(model_dir), model_id=store.model_id, tiny_model=tiny, n_images=len(store),
         n_patients=synth.n_patients, n_abnormal=synth.n_abnormal, n_errors=store.errors().num_rows,
-        study_table=study, search=search, sql_examples=examples,
+        study_table=study.table(), study_id=study.study_id, plan_id=plan_id, reference=study.reference,
+        n_test_images=study.n_images, n_test_patients=study.n_patients, search=search, sql_examples=examples,
         notebooks_command=f"CXR_EMBED_STORE={store_dir} jupyter lab notebooks/  (or rerun with --notebooks)", notebooks=notebooks,
         timings={k: round(v, 2) for k, v in timings.items()}, notices=notices,
     )
@@ -245,12 +259,18 @@ def _index(data: Path, store_dir: Path, model_dir: Path, config: DemoConfig):
 def _classify(store, config: DemoConfig):
     from cxr_embed.evaluation import ClassifyConfig, classify_store
 
-    return classify_store(
-        store, ClassifyConfig(folds=config.folds, seed=config.seed, n_boot=config.n_boot, progress=config.progress)
-    )
+    return classify_store(store, ClassifyConfig(split="holdout", test_fraction=config.test_fraction, seed=config.seed,
+                                                n_boot=config.n_boot, progress=config.progress))
 
 
-def _finetune(data: Path, ft_dir: Path, store_dir: Path, model_dir: Path, tiny: bool, config: DemoConfig):
+def _study(store, config: DemoConfig, plan_id: str):
+    from cxr_embed.study import StudyConfig, run_study
+
+    return run_study(store, StudyConfig(plan_id=plan_id, n_boot=config.n_boot, seed=config.seed))
+
+
+def _finetune(data: Path, ft_dir: Path, store_dir: Path, model_dir: Path, tiny: bool, config: DemoConfig,
+              plan_id: str):
     """A short run: the study's settings for real weights; a higher learning rate for the tiny model,
     whose random weights would not move visibly at 1e-5 in two epochs."""
     from cxr_embed.finetune import FineTuneConfig, finetune
@@ -258,7 +278,7 @@ def _finetune(data: Path, ft_dir: Path, store_dir: Path, model_dir: Path, tiny: 
     ft = FineTuneConfig(
         source=str(data), out=str(ft_dir), dataset="chestxray14", model_dir=str(model_dir),
         epochs=config.finetune_epochs, lr=1e-3 if tiny else 1e-5, batch_size=16 if tiny else 48,
-        store=str(store_dir), seed=config.seed, n_boot=config.n_boot,
+        store=str(store_dir), seed=config.seed, n_boot=config.n_boot, plan=plan_id,
     )
     return finetune(ft, progress=config.progress)
 
@@ -304,21 +324,25 @@ def _search_row(query: str, result) -> dict[str, Any]:
 
 
 def example_queries(query_id: str) -> list[tuple[str, str]]:
-    """(title, SQL) pairs the demo prints for the user to explore; the second one is the study table."""
+    """(title, SQL) pairs the demo prints for the user to explore (each runs once before it is printed)."""
     return [
         ("Images, patients and views by label",
          "SELECT label, view, count(*) AS images, count(DISTINCT patient_id) AS patients "
          "FROM images GROUP BY ALL ORDER BY ALL"),
-        ("Both arms side by side: pooled out-of-fold metrics (the study's table)",
-         "SELECT arm, classifier, "
-         "round(max(value) FILTER (metric = 'roc_auc'), 3) AS roc_auc, "
-         "round(max(value) FILTER (metric = 'accuracy'), 3) AS accuracy, "
-         "round(max(value) FILTER (metric = 'f1'), 3) AS f1, "
-         "round(max(value) FILTER (metric = 'brier'), 3) AS brier "
-         "FROM metrics WHERE fold = -1 AND target = 'abnormal' GROUP BY arm, classifier ORDER BY roc_auc DESC"),
+        ("The study: both arms on the same test rows, 95% CIs by patient, paired tests vs the reference",
+         "SELECT arm, classifier, metric, round(value, 3) AS value, round(ci_low, 3) AS ci_low, "
+         "round(ci_high, 3) AS ci_high, round(p_value, 4) AS p_value, n, versus FROM study "
+         "WHERE metric IN ('roc_auc', 'brier', 'roc_auc_diff', 'brier_diff') ORDER BY metric, arm, classifier"),
+        ("Latest run per classifier: ROC-AUC with its CI and the plan it was tested on",
+         "SELECT arm, classifier, plan_id, round(value, 3) AS roc_auc, round(ci_low, 3) AS ci_low, "
+         "round(ci_high, 3) AS ci_high FROM latest_metrics "
+         "WHERE metric = 'roc_auc' AND fold = -1 AND subgroup IS NULL AND target = 'abnormal' ORDER BY roc_auc DESC"),
+        ("Subgroups as columns: ROC-AUC by sex for the latest SVM",
+         "SELECT subgroup, level, round(value, 3) AS roc_auc, round(ci_low, 3) AS ci_low, round(ci_high, 3) AS ci_high "
+         "FROM latest_metrics WHERE classifier = 'svm' AND metric = 'roc_auc' AND subgroup = 'sex' ORDER BY level"),
         ("The SVM's most confident misses, with their metadata",
          "SELECT p.image_id, i.patient_id, i.view, round(p.probability, 3) AS p_abnormal "
-         "FROM predictions p JOIN images i USING (row_id) "
+         "FROM latest_predictions p JOIN images i USING (row_id) "
          "WHERE p.classifier = 'svm' AND p.label = 1 ORDER BY p.probability LIMIT 5"),
         ("Nearest neighbours from SQL",
          f"SELECT n.rank, n.image_id, n.label, round(n.similarity, 3) AS similarity, i.view "
@@ -326,15 +350,13 @@ def example_queries(query_id: str) -> list[tuple[str, str]]:
     ]
 
 
-def _sql_examples(store, query_id: str) -> tuple[list[SqlExample], list[dict[str, Any]]]:
-    """Run every example once (so the printed ones are known to work); the study table is one of them."""
+def _sql_examples(store, query_id: str) -> list[SqlExample]:
+    """Run every example once, so the printed ones are known to work."""
     from cxr_embed.sql import run_query
 
-    examples, study = [], []
-    for i, (title, sql) in enumerate(example_queries(query_id)):
+    examples = []
+    for title, sql in example_queries(query_id):
         table = run_query(store, sql)
-        if i == 1:
-            study = table.to_pylist()
         command = f'cxr-embed sql --store {store.path} "{sql}"'
         examples.append(SqlExample(title=title, sql=sql, command=command, rows=table.num_rows))
-    return examples, study
+    return examples

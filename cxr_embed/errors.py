@@ -61,6 +61,19 @@ class StoreMismatchError(StoreError):
     """Embeddings from another model or preprocessing would be mixed into a store."""
 
 
+class StoreIdentityError(StoreError):
+    """A resume or append would mix sources listed differently (e.g. another de-identification key)."""
+
+    @classmethod
+    def for_key(cls, store: object, recorded: str | None, given: str | None) -> StoreIdentityError:
+        """The refusal of a resume/append with another de-identification key (one wording everywhere)."""
+        return cls(
+            f"Store {store} was made with the de-identification key fingerprinted {recorded or '(none)'}, but "
+            f"this run uses {given or '(none)'}: its pseudonyms would not match (a patient would become two). "
+            "Run with the store's key (--key-file or $CXR_EMBED_ID_SALT), or index into a new store."
+        )
+
+
 class QueryError(CxrEmbedError):
     """A SQL query or ``--where`` predicate is malformed or not allowed (writes are refused)."""
 
@@ -71,3 +84,7 @@ class EvaluationError(CxrEmbedError):
 
 class DependencyError(CxrEmbedError):
     """An optional dependency is needed (e.g. ray, faiss-gpu); the message says what to install."""
+
+
+class StoreDamagedError(StoreError):
+    """A store file is missing, truncated, unreadable or does not match its recorded checksum."""

@@ -47,7 +47,7 @@ SMALL_INPUT_ROWS = 20_000
 
 @dataclass
 class IndexInfo:
-    """What ``index/index.json`` records about the saved index (mirrored in ``store.json``)."""
+    """What ``store.json`` records about the committed index (its ``index`` entry, beside the file name and sha256)."""
 
     kind: str
     ntotal: int
@@ -212,6 +212,24 @@ def read_index(path: Path) -> faiss.Index:
         raise StoreError(f"Cannot read {path} ({exc}). Delete it and rerun `cxr-embed index` to rebuild the index.") from exc
     _enable_reconstruct(index)
     return index
+
+
+def index_from_bytes(data: bytes) -> faiss.Index:
+    """Deserialise an index from the bytes of its file (already read and checksummed by the store).
+
+    Raises StoreError when the bytes are not a FAISS index.
+    """
+    try:
+        index = faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
+    except RuntimeError as exc:
+        raise StoreError(f"not a readable FAISS index ({str(exc).splitlines()[0][:120]})") from exc
+    _enable_reconstruct(index)
+    return index
+
+
+def index_to_bytes(index: faiss.Index) -> bytes:
+    """The bytes ``faiss.write_index`` would write (so the store can hash them before the write)."""
+    return faiss.serialize_index(index).tobytes()
 
 
 def to_gpu(index: faiss.Index) -> faiss.Index:

@@ -5,7 +5,8 @@ class, so the frozen-embedding classifiers and the fine-tuned model are scored b
 
 Why our own implementations rather than calling sklearn each time: the bootstrap CI of ROC-AUC
 needs ~1000 AUCs per (classifier, fold); re-sorting 100k scores 1000 times is slow, so
-:func:`roc_auc_ci` sorts once and re-weights (a bootstrap sample is a vector of multiplicities).
+:func:`roc_auc_ci` sorts once and re-weights (a bootstrap sample is a vector of multiplicities,
+drawn per patient when ``clusters`` is given: see :mod:`cxr_embed.stats`).
 The point estimates agree with sklearn (``tests/test_metrics.py`` checks it on random cases).
 
 Operating points (Youden J, 90 % sensitivity) are thresholds, and thresholds chosen on the test
@@ -19,6 +20,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from cxr_embed import stats
 from cxr_embed.errors import EvaluationError
 
 #: Sensitivity the triage operating point guarantees on the data it was chosen on.
@@ -39,50 +41,27 @@ def _two_classes(y: np.ndarray) -> bool:
     return bool(y.size) and 0 < int(y.sum()) < y.size
 
 
-def _auc_weighted(group: np.ndarray, n_groups: int, y: np.ndarray, w: np.ndarray) -> float:
-    """AUC (ties count 1/2) with per-sample weights; ``group`` = rank of each score among unique scores."""
-    pos = np.bincount(group, weights=w * y, minlength=n_groups)
-    neg = np.bincount(group, weights=w * (1 - y), minlength=n_groups)
-    wp, wn = pos.sum(), neg.sum()
-    if wp == 0 or wn == 0:
-        return float("nan")
-    neg_below = np.cumsum(neg) - neg
-    return float((pos * (neg_below + 0.5 * neg)).sum() / (wp * wn))
-
-
 def roc_auc(y, p) -> float:
     """Area under the ROC curve (Mann-Whitney, ties count one half); NaN with a single class."""
     y, p = _check(y, p)
     if not _two_classes(y):
         return float("nan")
-    uniq, group = np.unique(p, return_inverse=True)
-    return _auc_weighted(group, uniq.size, y, np.ones(y.size))
+    uniq, rank = np.unique(p, return_inverse=True)
+    return stats.weighted_auc(rank, uniq.size, y, np.ones(y.size))
 
 
-def roc_auc_ci(y, p, n_boot: int = 1000, level: float = 0.95, seed: int = 0) -> tuple[float, float, float]:
-    """ROC-AUC and its percentile bootstrap CI, resampling positives and negatives separately.
+def roc_auc_ci(y, p, n_boot: int = 1000, level: float = 0.95, seed: int = 0,
+               clusters: np.ndarray | None = None) -> tuple[float, float, float]:
+    """ROC-AUC and its percentile bootstrap CI; ``clusters`` (patient codes) resamples whole patients.
 
-    Stratified resampling keeps every replicate two-class (a plain bootstrap of a rare finding can
-    draw no positives). Returns ``(auc, low, high)``; the CI is NaN when ``n_boot`` is 0.
+    Returns ``(auc, low, high)``; the CI is NaN when ``n_boot`` is 0 or there is a single class.
     """
     y, p = _check(y, p)
+    auc = roc_auc(y, p)
     if not _two_classes(y):
-        return float("nan"), float("nan"), float("nan")
-    uniq, group = np.unique(p, return_inverse=True)
-    auc = _auc_weighted(group, uniq.size, y, np.ones(y.size))
-    if n_boot <= 0:
         return auc, float("nan"), float("nan")
-    rng = np.random.default_rng(seed)
-    pos_idx, neg_idx = np.flatnonzero(y == 1), np.flatnonzero(y == 0)
-    reps = np.empty(n_boot)
-    for b in range(n_boot):
-        w = np.zeros(y.size)
-        w[pos_idx] = np.bincount(rng.integers(0, pos_idx.size, pos_idx.size), minlength=pos_idx.size)
-        w[neg_idx] = np.bincount(rng.integers(0, neg_idx.size, neg_idx.size), minlength=neg_idx.size)
-        reps[b] = _auc_weighted(group, uniq.size, y, w)
-    alpha = (1 - level) / 2
-    low, high = np.quantile(reps, [alpha, 1 - alpha])
-    return auc, float(low), float(high)
+    low, high = stats.auc_ci(y, p, clusters=clusters, n_boot=n_boot, seed=seed, level=level)
+    return auc, low, high
 
 
 def average_precision(y, p) -> float:
@@ -221,19 +200,29 @@ def operating_points(y, p) -> dict[str, float]:
 
 @dataclass
 class BinaryMetrics:
-    """One evaluation: metric values, the ROC-AUC CI and the thresholds that were applied."""
+    """One evaluation: metric values, their bootstrap CIs (by metric name) and the thresholds applied."""
 
     values: dict[str, float]
-    auc_ci: tuple[float, float] = (float("nan"), float("nan"))
+    cis: dict[str, tuple[float, float]] = field(default_factory=dict)
     thresholds: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def auc_ci(self) -> tuple[float, float]:
+        return self.cis.get("roc_auc", (float("nan"), float("nan")))
 
     def rows(self) -> list[tuple[str, float, float | None, float | None]]:
         """``(metric, value, ci_low, ci_high)`` rows as stored in the ``metrics`` table."""
         out = []
         for name, value in self.values.items():
-            ci = self.auc_ci if name == "roc_auc" else (None, None)
+            ci = self.cis.get(name, (None, None))
             out.append((name, float(value), ci[0], ci[1]))
         return out
+
+
+def decisions_at(p, thresholds: dict[str, float]) -> dict[str, np.ndarray]:
+    """Boolean calls ``p >= threshold`` at each named operating point."""
+    p = np.asarray(p, dtype=np.float64)
+    return {name: p >= thr for name, thr in thresholds.items()}
 
 
 def evaluate_binary(
@@ -244,16 +233,21 @@ def evaluate_binary(
     *,
     n_boot: int = 1000,
     seed: int = 0,
+    clusters: np.ndarray | None = None,
+    all_cis: bool = False,
 ) -> BinaryMetrics:
     """Score test predictions; operating points come from ``(train_y, train_prob)`` when given.
 
     ``train_prob`` must be predictions on data the model did not fit on but that is not the test set
     (the training folds' held-out calibration slice, or a validation split). Without them only the
-    0.5 threshold is reported, never thresholds tuned on the test set itself.
+    0.5 threshold is reported, never thresholds tuned on the test set itself. ``clusters`` (patient
+    codes) makes the bootstrap resample patients; ``all_cis`` adds CIs to every metric, not just ROC-AUC.
     """
     y, p = _check(y_true, prob)
     thresholds = operating_points(train_y, train_prob) if train_y is not None else {}
     values = binary_report(y, p, thresholds)
-    auc, low, high = roc_auc_ci(y, p, n_boot=n_boot, seed=seed)
-    values["roc_auc"] = auc
-    return BinaryMetrics(values=values, auc_ci=(low, high), thresholds=thresholds)
+    if all_cis and _two_classes(y):
+        cis = stats.bootstrap_cis(y, p, clusters=clusters, decisions=decisions_at(p, thresholds), n_boot=n_boot, seed=seed)
+    else:
+        cis = {"roc_auc": roc_auc_ci(y, p, n_boot=n_boot, seed=seed, clusters=clusters)[1:]}
+    return BinaryMetrics(values=values, cis={k: v for k, v in cis.items() if k in values}, thresholds=thresholds)

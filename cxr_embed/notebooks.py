@@ -10,6 +10,7 @@ after the notebook's number, so a run can tell which notebook produced which fig
 from __future__ import annotations
 
 import os
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -114,15 +115,26 @@ def run_notebook(
     before = {p: p.stat().st_mtime_ns for p in fig_dir.glob(f"{prefix}*.png")}
 
     nb = nbformat.read(nb_path, as_version=4)
-    # ipykernel's own spec for "python3" launches sys.executable, so the kernel sees this venv's packages.
-    km = KernelManager(kernel_name=kernel_name)
-    client = NotebookClient(nb, km=km, timeout=timeout, resources={"metadata": {"path": str(nb_path.parent)}})
     start = time.perf_counter()
     error: CellExecutionError | None = None
-    try:
-        client.execute(env=env)
-    except CellExecutionError as exc:
-        error = exc
+    # Quiet and local: the kernel talks over unix sockets in a private folder (no TCP port, so no
+    # "running over TCP without encryption" warning), and its own log lines ([IPKernelApp] WARNING …)
+    # go to a file that is shown only when the notebook fails.
+    with (
+        tempfile.TemporaryDirectory(prefix="cxr-embed-kernel-") as sockets,
+        tempfile.TemporaryFile("w+") as log,
+    ):
+        # ipykernel's own spec for "python3" launches sys.executable, so the kernel sees this venv's packages.
+        km = KernelManager(kernel_name=kernel_name, transport="ipc", ip=os.path.join(sockets, "kernel"))
+        client = NotebookClient(
+            nb, km=km, timeout=timeout, resources={"metadata": {"path": str(nb_path.parent)}}
+        )
+        try:
+            client.execute(env=env, stderr=log)
+        except CellExecutionError as exc:
+            error = exc
+        log.seek(0)
+        kernel_log = log.read()[-2000:]
     seconds = time.perf_counter() - start
     executed = None
     if out_dir is not None:
@@ -131,7 +143,8 @@ def run_notebook(
         nbformat.write(nb, executed)
     if error is not None:
         where = f" (executed copy with the traceback: {executed})" if executed else ""
-        raise CxrEmbedError(f"Notebook {nb_path.name} failed on store {store_dir}{where}:\n{error}")
+        log_tail = f"\nKernel log:\n{kernel_log}" if kernel_log.strip() else ""
+        raise CxrEmbedError(f"Notebook {nb_path.name} failed on store {store_dir}{where}:\n{error}{log_tail}")
     written = sorted(p for p in fig_dir.glob(f"{prefix}*.png") if before.get(p) != p.stat().st_mtime_ns)
     return NotebookRun(notebook=nb_path.name, executed_path=executed, seconds=seconds, figures=written)
 

@@ -1,7 +1,9 @@
-"""ROC, precision-recall and reliability plots of a classify run, as PNG files (matplotlib Agg).
+"""ROC, precision-recall and reliability plots, as PNG files (matplotlib Agg).
 
-One figure per (kind, target) with every classifier overlaid, so the study's comparison reads at a
-glance: ``plots/<run_id>/roc_<target>.png``, ``pr_<target>.png``, ``reliability_<target>.png``.
+A classify run gets one figure per (kind, target) with every classifier overlaid:
+``plots/<run_id>/roc_<target>.png``, ``pr_<target>.png``, ``reliability_<target>.png``. A study gets
+``plots/<study_id>/study_roc_<target>.png`` (every arm, operating points marked, n in the legend)
+and ``study_reliability_<target>.png`` (the reference and the fine-tuned arm on the same rows).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from cxr_embed import metrics
+from cxr_embed.atomicio import atomic_path
 
 
 def _figure():
@@ -29,15 +32,14 @@ def _save(plt, fig, ax, path: Path, title: str, xlabel: str, ylabel: str) -> Pat
     ax.legend(loc="best", fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}")
-    fig.savefig(tmp, format="png")
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
     plt.close(fig)
-    tmp.replace(path)
     return path
 
 
 def plot_run(folder: str | Path, results: Sequence) -> list[Path]:
-    """Write the three figures per target of ``results`` (``evaluation.ModelResult``) into ``folder``."""
+    """Write the three figures per target of ``results`` (``crossval.ModelResult``) into ``folder``."""
     from sklearn.metrics import precision_recall_curve, roc_curve
 
     folder = Path(folder)
@@ -68,3 +70,33 @@ def plot_run(folder: str | Path, results: Sequence) -> list[Path]:
             _save(plt, fig, ax, folder / f"reliability_{target}.png", f"Reliability: {target}", "mean predicted probability", "observed fraction abnormal")
         )
     return written
+
+
+def plot_study(folder: str | Path, y: np.ndarray, arms: Sequence, shown: Sequence, target: str) -> list[Path]:
+    """The study's two figures for ``study.Arm`` objects scored on the same rows ``y``."""
+    from sklearn.metrics import roc_curve
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    n, pos = len(y), int(np.sum(y))
+    plt, fig, ax = _figure()
+    markers = {"youden": "o", "sens90": "^"}
+    for a in arms:
+        fpr, tpr, _ = roc_curve(y, a.prob)
+        (line,) = ax.plot(fpr, tpr, label=f"{a.name} (AUC {a.values['roc_auc']:.3f})")
+        for op, calls in a.decisions().items():
+            d = metrics.decision_metrics(y, calls)
+            ax.plot(1 - d["specificity"], d["sensitivity"], markers[op], color=line.get_color(), ms=6)
+    for op, marker in markers.items():
+        ax.plot([], [], marker, color="k", label=f"operating point: {op}")
+    ax.plot([0, 1], [0, 1], "k--", lw=0.8)
+    roc = _save(plt, fig, ax, folder / f"study_roc_{target}.png",
+                f"ROC: {target}, n = {n} ({pos} positive), same rows", "1 - specificity", "sensitivity")
+    plt, fig, ax = _figure()
+    for a in shown:
+        mean_p, frac, _ = metrics.reliability_curve(y, a.prob)
+        ax.plot(mean_p, frac, "o-", ms=3, label=f"{a.name} (ECE {a.values['ece']:.3f}, n = {n})")
+    ax.plot([0, 1], [0, 1], "k--", lw=0.8)
+    rel = _save(plt, fig, ax, folder / f"study_reliability_{target}.png", f"Reliability: {target}, same rows",
+                "mean predicted probability", "observed fraction abnormal")
+    return [roc, rel]

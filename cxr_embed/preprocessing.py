@@ -10,6 +10,7 @@ nothing else. Modes other than L/LA/RGB are first brought to L/RGB by the docume
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from dataclasses import asdict, dataclass
@@ -27,7 +28,11 @@ _INTERPOLATIONS = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resamp
 
 @dataclass(frozen=True)
 class Preprocessor:
-    """Callable turning a PIL image into a (3, S, S) float32 tensor, reference-exact on 8-bit L/RGB."""
+    """Callable turning a PIL image into a (3, S, S) float32 tensor, reference-exact on 8-bit L/RGB.
+
+    Split in two halves for pipelines: :meth:`to_uint8` (decode workers) and :meth:`normalize` (on the
+    model's device); ``__call__`` is their composition.
+    """
 
     image_size: int = 480
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
@@ -36,7 +41,9 @@ class Preprocessor:
 
     def __post_init__(self) -> None:
         if self.interpolation not in _INTERPOLATIONS:
-            raise ValueError(f"interpolation must be one of {sorted(_INTERPOLATIONS)}, got {self.interpolation!r}")
+            raise ValueError(
+                f"interpolation must be one of {sorted(_INTERPOLATIONS)}, got {self.interpolation!r}"
+            )
 
     def resize(self, img: Image.Image) -> np.ndarray:
         """The uint8 (S, S, 3) array after the mode policy and the Pillow resize."""
@@ -51,16 +58,50 @@ class Preprocessor:
         arr = np.asarray(img.resize(size, _INTERPOLATIONS[self.interpolation]), dtype=np.uint8)
         return np.repeat(arr[:, :, None], 3, axis=2) if arr.ndim == 2 else arr
 
-    def __call__(self, img: Image.Image) -> torch.Tensor:
-        x = torch.from_numpy(np.ascontiguousarray(self.resize(img).transpose(2, 0, 1))).float().div(255)
-        mean = torch.tensor(self.mean, dtype=torch.float32)[:, None, None]
-        std = torch.tensor(self.std, dtype=torch.float32)[:, None, None]
+    def to_uint8(self, img: Image.Image) -> torch.Tensor:
+        """The (3, S, S) uint8 tensor after :meth:`resize`: what decode workers send (a quarter of float32).
+
+        The float conversion and normalisation are left to :meth:`normalize`, which runs where the model
+        runs (GPU or CPU), so worker → main-process traffic and host → device copies stay 8-bit.
+        """
+        return torch.from_numpy(np.ascontiguousarray(self.resize(img).transpose(2, 0, 1)))
+
+    def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
+        """uint8 (..., 3, S, S) on any device → float32 model input: ``/ 255``, ``- mean``, ``/ std``.
+
+        The one place the reference's float32 operation order lives: elementwise and in that order, so
+        a batch normalised at once on CPU is bitwise equal to images normalised one by one.
+        """
+        x = pixels.float().div(255)
+        mean, std = _mean_std(self.mean, self.std, x.device)
         return x.sub_(mean).div_(std)
+
+    def __call__(self, img: Image.Image) -> torch.Tensor:
+        return self.normalize(self.to_uint8(img))
 
     def fingerprint(self) -> str:
         """Stable hash of the settings and both pixel policies (decode + resize); stores refuse to mix them."""
         from cxr_embed.imageio import POLICY_VERSION as DECODE_POLICY_VERSION
 
-        payload = json.dumps({**asdict(self), "policy_version": POLICY_VERSION,
-                              "decode_policy_version": DECODE_POLICY_VERSION}, sort_keys=True)
+        payload = json.dumps(
+            {
+                **asdict(self),
+                "policy_version": POLICY_VERSION,
+                "decode_policy_version": DECODE_POLICY_VERSION,
+            },
+            sort_keys=True,
+        )
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+@functools.lru_cache(maxsize=16)
+def _mean_std(
+    mean: tuple[float, ...], std: tuple[float, ...], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(3, 1, 1) float32 mean and std on ``device``, made once: a fresh host→device copy per batch would
+    wait for the GPU's queued work and stall the pipeline."""
+    with torch.inference_mode(False):  # ordinary tensors, usable inside and outside inference mode
+        return (
+            torch.tensor(mean, dtype=torch.float32, device=device)[:, None, None],
+            torch.tensor(std, dtype=torch.float32, device=device)[:, None, None],
+        )

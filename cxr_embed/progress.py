@@ -24,6 +24,13 @@ from rich.progress import (
 from rich.progress import Progress as _RichProgress
 
 stderr_console = Console(stderr=True)
+_silenced = False
+
+
+def silence() -> None:
+    """Turn every progress bar of this process off (``cxr-embed --quiet``)."""
+    global _silenced
+    _silenced = True
 
 
 @dataclass
@@ -52,8 +59,12 @@ class Progress:
 
 @contextmanager
 def progress_bar(total: int | None, description: str, enabled: bool = True) -> Iterator[Progress]:
-    """Yield a :class:`Progress`; draws a rich bar on stderr only when ``enabled`` and a TTY-ish stderr."""
-    if not enabled or not sys.stderr:
+    """Yield a :class:`Progress`; draws a rich bar on stderr only when ``enabled`` and stderr is a terminal.
+
+    A bar is never drawn into a pipe or log file (where it would be one stale line per run), but it is
+    drawn with ``--json``: results go to stdout, so the bar on a terminal's stderr does not mix with them.
+    """
+    if not enabled or _silenced or not _is_terminal(sys.stderr):
         yield Progress()
         return
     bar = _RichProgress(
@@ -71,3 +82,10 @@ def progress_bar(total: int | None, description: str, enabled: bool = True) -> I
     with bar:
         task = bar.add_task(description, total=total, rate="", note="")
         yield Progress(_bar=bar, _task=task)
+
+
+def _is_terminal(stream: object) -> bool:
+    try:
+        return bool(stream is not None and stream.isatty())  # type: ignore[attr-defined]
+    except (AttributeError, ValueError):
+        return False

@@ -1,15 +1,14 @@
-"""The Ray engine of ``cxr-embed index --engine ray``: the same job, scaled out over a Ray cluster.
+"""The Ray engine of ``cxr-embed index --engine ray``: the same job, its middle stages on a Ray cluster.
 
-Pipeline::
+Supplies only decode + embed to :func:`cxr_embed.pipeline.run_job` (listing, resume, shard writing,
+failures and the FAISS index are the pipeline's, identical to the local engine's)::
 
-    driver: read_dataset → StoreWriter.pending (resume: only what the store lacks)
-      → Ray Data: from_items(index, path) in input order
-          → map_batches(decode_batch)     CPU tasks: read_image + preprocessing; failures become
-                                          (stage, reason) columns, never exceptions
-          → map_batches(EmbedActor)       an actor pool, one loaded model per actor (one per GPU,
-                                          or a small pool of CPU actors without GPUs)
-      → driver: iter_batches (order preserved) → StoreWriter.append every ``shard_size`` rows
-      → StoreWriter.finalize (FAISS index built after the embedding stage)
+    Ray Data: from_items(index, path) in input order
+      → map_batches(decode_batch)   CPU tasks: cxr_embed.decode per image → uint8 pixels; failures
+                                    become (stage, reason) columns, never exceptions
+      → map_batches(EmbedActor)     an actor pool, one loaded model per actor (one per GPU, or a
+                                    small pool of CPU actors without GPUs); normalises on its device
+    → driver: iter_batches (order preserved) → the pipeline's writer thread
 
 Why the driver writes: :class:`~cxr_embed.store.StoreWriter` (lock, dense row_ids, atomic manifest,
 errors.parquet) is the store's single writer, so committing from one process keeps the Ray store
@@ -19,8 +18,8 @@ Only embeddings (D float32 per image) travel back to the driver, so it is never 
 
 Ray fuses the decode tasks into the embedding actors when both ask for the same resources (a CPU-only
 pool with ``cpus_per_worker=1``); that is right there: a CPU forward costs ~1000x the decode, and
-fusion saves shipping 2.7 MB of pixels per image through the object store. On GPUs the actors ask for
-a GPU, so decoding stays on separate CPU tasks that keep the GPUs fed.
+fusion saves shipping pixels through the object store. On GPUs the actors ask for a GPU, so decoding
+stays on separate CPU tasks that keep the GPUs fed, and ships uint8 (675 KiB per 480² image).
 """
 
 from __future__ import annotations
@@ -30,8 +29,8 @@ import math
 import os
 import re
 import socket
-import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -39,11 +38,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from cxr_embed import errors
+from cxr_embed.decode import decode_image
 from cxr_embed.errors import ConfigError, CxrEmbedError, DependencyError, StoreMismatchError
-from cxr_embed.job import DecodeDataset, FailedItem, IndexConfig, IndexSummary, ShardBuffer, summarize
-from cxr_embed.progress import progress_bar
-from cxr_embed.records import ImageRecord, ReadFailure, read_dataset
-from cxr_embed.store import StoreWriter, local_store_path
+from cxr_embed.listing import failure_for
+from cxr_embed.pipeline import EmbeddedBatch, IndexConfig, IndexSummary, ModelIdentity, run_job
+from cxr_embed.records import ImageRecord, ReadFailure
 
 if TYPE_CHECKING:
     from cxr_embed.model import MedImageInsight
@@ -69,7 +68,9 @@ class PoolPlan:
         return f"{self.actors} model actor(s) on {self.device}, {gpus}{self.cpus_per_worker:g} CPU each"
 
 
-def plan_pool(resources: dict[str, float], device: str, gpus_per_worker: float | None, cpus_per_worker: float) -> PoolPlan:
+def plan_pool(
+    resources: dict[str, float], device: str, gpus_per_worker: float | None, cpus_per_worker: float
+) -> PoolPlan:
     """Size the actor pool from the cluster's resources (``ray.cluster_resources()``).
 
     GPUs: one actor per ``gpus_per_worker`` GPUs (default 1; 0.5 packs two models per GPU).
@@ -93,7 +94,9 @@ def plan_pool(resources: dict[str, float], device: str, gpus_per_worker: float |
             )
         return PoolPlan(int(gpus // per), "cuda", per, cpus_per_worker)
     if wants_cuda:
-        raise ConfigError(f"--device {device} conflicts with --gpus-per-worker 0; use --device cpu or give each actor a GPU.")
+        raise ConfigError(
+            f"--device {device} conflicts with --gpus-per-worker 0; use --device cpu or give each actor a GPU."
+        )
     if cpus_per_worker > max(1.0, cpus - 1):
         raise ConfigError(
             f"--cpus-per-worker {cpus_per_worker:g} leaves no CPU for decoding on a Ray cluster with {cpus:g} CPU(s); "
@@ -106,26 +109,19 @@ def plan_pool(resources: dict[str, float], device: str, gpus_per_worker: float |
 # ----------------------------------------------------------------------------- stages (run on Ray workers)
 
 
-def _path_record(path: str) -> ImageRecord:
-    """The minimal record :class:`DecodeDataset` needs (it reads only ``.path``): keeps Ray rows small."""
-    return ImageRecord(image_id=path, path=path, patient_id=None, study=None, split=None, label=None,
-                       findings=None, sex=None, age=None, view=None, source="")
-
-
 def decode_batch(batch: dict[str, np.ndarray], preprocessor: Preprocessor) -> dict[str, np.ndarray]:
-    """Stage 1 (CPU tasks): paths → preprocessed pixels; a bad file fills ``stage``/``reason`` instead.
+    """Stage 1 (CPU tasks): paths → uint8 resized pixels; a bad file fills ``stage``/``reason`` instead.
 
-    Returns columns ``i``, ``pixels`` (B, 3, S, S) float32 (zeros for failed rows), ``stage`` ("" when
-    the image decoded) and ``reason``. Uses the local engine's :class:`DecodeDataset`, so both engines
-    decode and classify failures identically.
+    Returns columns ``i``, ``pixels`` (B, 3, S, S) uint8 (zeros for failed rows), ``stage`` ("" when
+    the image decoded) and ``reason``. Uses :func:`cxr_embed.decode.decode_image`, so every engine
+    decodes and classifies failures identically.
     """
-    data = DecodeDataset([_path_record(str(p)) for p in batch["path"]], preprocessor)
-    n, size = len(data), preprocessor.image_size
-    pixels = np.zeros((n, 3, size, size), dtype=np.float32)
+    n, size = len(batch["path"]), preprocessor.image_size
+    pixels = np.zeros((n, 3, size, size), dtype=np.uint8)
     stage, reason = np.full(n, "", dtype=object), np.full(n, "", dtype=object)
-    for k in range(n):
-        _, item = data[k]
-        if isinstance(item, FailedItem):
+    for k, (path, frame) in enumerate(zip(batch["path"], batch["frame"], strict=True)):
+        item = decode_image(str(path), preprocessor, frame=None if int(frame) < 0 else int(frame))
+        if isinstance(item, ReadFailure):
             stage[k], reason[k] = item.stage, item.reason
         else:
             pixels[k] = item.numpy()
@@ -152,23 +148,19 @@ class EmbedActor:
             )
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Columns ``i``, ``embedding`` (B, D) float32, ``stage``, ``reason`` (``encode`` for non-finite output)."""
+        """Columns ``i``, ``embedding`` (B, D) float32 (zeros for failed rows), ``stage``, ``reason``."""
         import torch
 
         ok = batch["stage"] == ""
-        stage, reason = batch["stage"].copy(), batch["reason"].copy()
         emb = np.zeros((len(ok), self.model.embed_dim), dtype=np.float32)
         if ok.any():
             pixels = torch.from_numpy(np.ascontiguousarray(batch["pixels"][ok]))
             if self.model.device.type == "cuda":
                 pixels = pixels.pin_memory()
             with torch.inference_mode():
-                emb[ok] = self.model.encode_images(pixels.to(self.model.device, non_blocking=True)).numpy()
-            bad = ok & ~np.isfinite(emb).all(axis=1)
-            stage[bad] = "encode"
-            reason[bad] = f"non-finite embedding at {self.model.precision}; retry with --precision fp32"
-            emb[bad] = 0.0
-        return {"i": batch["i"], "embedding": emb, "stage": stage, "reason": reason}
+                x = self.model.preprocessor.normalize(pixels.to(self.model.device, non_blocking=True))
+                emb[ok] = self.model.encode_images(x).numpy()
+        return {"i": batch["i"], "embedding": emb, "stage": batch["stage"], "reason": batch["reason"]}
 
 
 # ----------------------------------------------------------------------------- driver
@@ -232,13 +224,21 @@ def _connect(ray: Any, address: str | None) -> bool:
     return True
 
 
-def _pipeline(ray: Any, todo: list[ImageRecord], model: MedImageInsight, plan: PoolPlan, model_dir: Path,
-              config: IndexConfig) -> Any:
+def _pipeline(
+    ray: Any, todo: list[ImageRecord], model: MedImageInsight, plan: PoolPlan, config: IndexConfig
+) -> Any:
     """The Ray Data plan: input order preserved, so row_ids match the local engine's exactly."""
-    rows = [{"i": i, "path": rec.path} for i, rec in enumerate(todo)]
-    ds = ray.data.from_items(rows, override_num_blocks=min(MAX_BLOCKS, math.ceil(len(rows) / config.batch_size)))
-    ds = ds.map_batches(decode_batch, batch_size=config.batch_size, batch_format="numpy",
-                        fn_kwargs={"preprocessor": model.preprocessor}, concurrency=config.workers or None)
+    rows = [{"i": i, "path": rec.path, "frame": -1 if rec.frame is None else rec.frame} for i, rec in enumerate(todo)]
+    ds = ray.data.from_items(
+        rows, override_num_blocks=min(MAX_BLOCKS, math.ceil(len(rows) / config.batch_size))
+    )
+    ds = ds.map_batches(
+        decode_batch,
+        batch_size=config.batch_size,
+        batch_format="numpy",
+        fn_kwargs={"preprocessor": model.preprocessor},
+        concurrency=config.workers or None,
+    )
     ds = ds.map_batches(
         EmbedActor,
         batch_size=config.batch_size,
@@ -246,8 +246,12 @@ def _pipeline(ray: Any, todo: list[ImageRecord], model: MedImageInsight, plan: P
         compute=ray.data.ActorPoolStrategy(size=plan.actors),
         num_gpus=plan.gpus_per_worker or None,
         num_cpus=plan.cpus_per_worker,
-        fn_constructor_kwargs={"model_dir": str(model_dir.resolve()), "device": plan.device, "precision": config.precision,
-                               "identity": _identity(model)},
+        fn_constructor_kwargs={
+            "model_dir": str(model.model_dir.resolve()),
+            "device": plan.device,
+            "precision": config.precision,
+            "identity": _identity(model),
+        },
     )
     ds.context.execution_options.preserve_order = True
     ds.context.enable_progress_bars = False  # our bar (images/s on stderr) replaces Ray's per-operator bars
@@ -292,73 +296,73 @@ def remote_error(exc: BaseException) -> CxrEmbedError | None:
     return cls(message.strip()) if isinstance(cls, type) and issubclass(cls, CxrEmbedError) else None
 
 
-def run_index_ray(source: str | Path, store_dir: str | Path, config: IndexConfig | None = None, *,
-                  address: str | None = None, gpus_per_worker: float | None = None, cpus_per_worker: float = 1.0,
-                  progress: bool = True) -> IndexSummary:
-    """Embed every image under ``source`` that ``store_dir`` lacks on a Ray cluster, then (re)index.
+class RayEngine:
+    """Decode tasks + a model actor pool on a Ray cluster; the driver holds only the model's identity.
 
-    Same inputs, store and resume semantics as :func:`cxr_embed.job.run_index`; ``address`` is
-    ``None`` (``$RAY_ADDRESS``, else a new local instance), ``"auto"`` (the cluster running on this
-    machine), ``"host:6379"`` or ``"ray://host:10001"``; a Ray already initialised in this process is reused. The driver
-    reads the listing and the model identity, so it needs the source listing and the model folder;
-    every worker needs the image files and the model folder at the same paths. ``config.workers``
-    caps concurrent decode tasks (default: Ray decides); ``config.prefetch`` is the number of result
-    batches the driver prefetches. A rerun with nothing left to embed does not start Ray at all.
+    ``config.ray_address`` is ``None`` (``$RAY_ADDRESS``, else a new local instance), ``"auto"`` (the
+    cluster running on this machine), ``"host:6379"`` or ``"ray://host:10001"``; a Ray already
+    initialised in this process is reused. The driver reads the listing and the model identity, so it
+    needs the source listing and the model folder; every worker needs the image files and the model
+    folder at the same paths. ``config.workers`` caps concurrent decode tasks (default: Ray decides);
+    ``config.prefetch`` is the number of result batches the driver prefetches. A session with nothing
+    to embed does not start Ray at all.
     """
-    import torch
 
-    from cxr_embed.precision import check_precision
+    name = "ray"
 
-    config = config or IndexConfig(engine="ray")
-    config.check()
-    ray = _import_ray()
-    store_path = local_store_path(store_dir)
-    start = time.perf_counter()
-    read_failures: list[ReadFailure] = []
-    records = read_dataset(source, config.dataset, errors=read_failures)
-    if config.limit is not None:
-        records = records[: config.limit]
-    model = describe_model(config.model_dir)
-    failures: list[ReadFailure] = list(read_failures)
-    plan: PoolPlan | None = None
-    with StoreWriter(store_path, model_id=model.model_id, checkpoint_sha256=model.checkpoint_sha256,
-                     preprocess_fingerprint=model.preprocessor.fingerprint(), dim=model.embed_dim,
-                     index_kind=config.index) as writer:
-        todo = writer.pending(records)
-        writer.record_failures(read_failures)
-        embed_seconds = 0.0
-        if todo:
-            started = _connect(ray, address)
-            try:
-                plan = plan_pool(ray.cluster_resources(), config.device, gpus_per_worker, cpus_per_worker)
-                check_precision(config.precision, torch.device(plan.device).type)  # here, not in every actor
-                embed_start = time.perf_counter()  # actor start-up counts, joining the cluster does not
-                failures += _embed(ray, _pipeline(ray, todo, model, plan, model.model_dir, config), todo, writer, config, progress)
-                embed_seconds = time.perf_counter() - embed_start
-            finally:
-                if started:
-                    ray.shutdown()
-        store = writer.finalize()
-    return summarize(store, source, model.model_id, plan.device if plan else "none", config.precision,
-                     listed=len(records), pending=len(todo), writer=writer, failures=failures, start=start,
-                     embed_seconds=embed_seconds, engine="ray",
-                     notes=[f"ray: {plan.describe()}"] if plan else ["ray: nothing to embed, Ray not started"])
+    def __init__(self, config: IndexConfig):
+        self.ray = _import_ray()
+        self.config = config
+        self.model = describe_model(config.model_dir)
+        self.identity = ModelIdentity(*_identity(self.model), self.model.embed_dim, self.model.model_dir)
+        self.precision = config.precision
+        self.plan: PoolPlan | None = None
 
+    @contextmanager
+    def session(self, todo: list[ImageRecord]) -> Iterator[Iterator[EmbeddedBatch]]:
+        if not todo:
+            yield iter(())
+            return
+        import torch
 
-def _embed(ray: Any, ds: Any, todo: list[ImageRecord], writer: StoreWriter, config: IndexConfig,
-           progress: bool) -> list[ReadFailure]:
-    """Commit the pipeline's batches through ``writer`` in input order; returns this run's failures."""
-    failures: list[ReadFailure] = []
-    shards = ShardBuffer(writer, config.shard_size)
-    with progress_bar(len(todo), "Embedding (Ray)", progress) as bar:
-        for batch in _results(ray, ds, config.prefetch):
+        from cxr_embed.precision import check_precision
+
+        config, ray = self.config, self.ray
+        started = _connect(ray, config.ray_address)
+        try:
+            self.plan = plan_pool(
+                ray.cluster_resources(), config.device, config.gpus_per_worker, config.cpus_per_worker
+            )
+            check_precision(config.precision, torch.device(self.plan.device).type)  # here, not in every actor
+            yield self._batches(_pipeline(ray, todo, self.model, self.plan, config), todo)
+        finally:
+            if started:
+                ray.shutdown()
+
+    def describe(self) -> tuple[str, list[str]]:
+        if self.plan is None:
+            return "none", ["ray: nothing to embed, Ray not started"]
+        return self.plan.device, [f"ray: {self.plan.describe()}"]
+
+    def _batches(self, ds: Any, todo: list[ImageRecord]) -> Iterator[EmbeddedBatch]:
+        for batch in _results(self.ray, ds, self.config.prefetch):
             ok = batch["stage"] == ""
             recs = [todo[int(i)] for i in batch["i"]]
-            failed = [ReadFailure(r.image_id, r.path, str(s), str(why))
-                      for r, s, why, good in zip(recs, batch["stage"], batch["reason"], ok, strict=True) if not good]
-            shards.add([r for r, good in zip(recs, ok, strict=True) if good], np.asarray(batch["embedding"])[ok])
-            writer.record_failures(failed)
-            failures += failed
-            bar.advance(len(recs))
-    shards.flush()
-    return failures
+            failed = [
+                failure_for(r, str(s), str(why))
+                for r, s, why, good in zip(recs, batch["stage"], batch["reason"], ok, strict=True)
+                if not good
+            ]
+            emb = np.asarray(batch["embedding"])[ok]
+            yield EmbeddedBatch(
+                [r for r, good in zip(recs, ok, strict=True) if good], lambda emb=emb: emb, failed
+            )
+
+
+def run_index_ray(
+    source: str | Path, store_dir: str | Path, config: IndexConfig | None = None, *, progress: bool = True
+) -> IndexSummary:
+    """:func:`cxr_embed.job.run_index` with the Ray engine (same inputs, store and resume semantics)."""
+    config = config or IndexConfig(engine="ray")
+    config.check()
+    return run_job(RayEngine(config), source, store_dir, config, progress)

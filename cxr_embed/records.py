@@ -1,8 +1,11 @@
-"""One record type for an input image, and ``read_dataset`` which picks the right reader.
+"""The record types every reader yields, and the small value parsers readers share.
 
 Every reader (ChestX-ray14, generic folder, DICOM) yields :class:`ImageRecord` so that indexing,
 classification and retrieval never care where an image came from. Readers only *list* images and
 their metadata; decoding pixels is :mod:`cxr_embed.imageio`'s job and happens later, per image.
+
+This module imports no reader and no decoder: data flows readers → records and readers →
+:mod:`cxr_embed.imageio`, never back (``cxr_embed.readers.read_dataset`` picks the reader).
 
 Failures: with ``errors=None`` the first bad row/file raises a typed error (good for small, curated
 inputs). Pass ``errors=[]`` for long jobs: each bad row/file is appended as a :class:`ReadFailure`
@@ -11,14 +14,10 @@ and skipped, so one corrupt file never stops a 100k-image index run.
 
 from __future__ import annotations
 
-import inspect
-import os
-from collections.abc import Callable
+import re
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
-from cxr_embed.errors import ConfigError, CxrEmbedError, InputError
+from cxr_embed.errors import CxrEmbedError
 
 FINDINGS: tuple[str, ...] = (
     "atelectasis",
@@ -36,8 +35,6 @@ FINDINGS: tuple[str, ...] = (
     "pleural_thickening",
     "hernia",
 )
-
-DATASETS: tuple[str, ...] = ("auto", "chestxray14", "folder", "dicom")
 
 
 @dataclass(frozen=True)
@@ -70,11 +67,19 @@ class ImageRecord:
     manufacturer: str | None = None
     model_name: str | None = None  # ManufacturerModelName
     frames: int | None = None  # NumberOfFrames (1 for single-frame images)
+    # Which frame of a multi-frame file this record is (None: the file's only or first frame). Not a
+    # store column: it tells the decoder what to read (``--frames all`` lists one record per frame).
+    frame: int | None = None
 
 
 @dataclass(frozen=True)
 class ReadFailure:
-    """A row or file a reader skipped, and why (``stage``: e.g. "csv", "missing", "unlisted", "dicom")."""
+    """A row or file a reader skipped, and why.
+
+    ``stage`` names the kind: "csv", "missing", "unlisted", "duplicate", "dicom", "out_of_scope",
+    "not_dicom", "symlink", "special_file", "file_name", "unreadable". For DICOM sources ``image_id``
+    and ``path`` are pseudonymous (keyed id / keyed reference) and ``reason`` names no file.
+    """
 
     image_id: str
     path: str
@@ -95,72 +100,31 @@ class FailureSink:
         self.errors.append(failure)
 
 
-def read_dataset(
-    source: str | Path, dataset: str = "auto", *, errors: list | None = None, **options: Any
-) -> list[ImageRecord]:
-    """List the images under ``source`` as records, using the reader for ``dataset``.
-
-    ``dataset="auto"`` picks: ChestX-ray14 when a ``Data_Entry_2017*.csv`` is there (or ``source`` is
-    one), DICOM when ``source`` is/contains DICOM files, else the generic folder reader.
-    ``options`` go to the reader (see each reader's ``read`` docstring); unknown ones are refused.
-    """
-    root = Path(source).expanduser()
-    if not root.exists():
-        raise InputError(f"Dataset path {root} does not exist. Check the path.", str(root))
-    if dataset not in DATASETS:
-        raise ConfigError(f"Unknown dataset kind {dataset!r}; use one of {', '.join(DATASETS)}.")
-    kind = detect_dataset(root) if dataset == "auto" else dataset
-    reader = _reader(kind)
-    accepted = set(inspect.signature(reader).parameters) - {"root", "errors"}
-    unknown = sorted(set(options) - accepted)
-    if unknown:
-        raise ConfigError(
-            f"The {kind} reader has no option {', '.join(unknown)}; it takes {', '.join(sorted(accepted))}."
-        )
-    return reader(root.resolve(), errors=errors, **options)
+NORMAL_NAMES = {"0", "normal", "negative", "no finding", "no_finding", "nofinding", "false", "no"}
+ABNORMAL_NAMES = {"1", "abnormal", "positive", "finding", "true", "yes"}
 
 
-def _reader(kind: str) -> Callable[..., list[ImageRecord]]:
-    # Imported lazily: the DICOM reader pulls in pydicom, which CLI --help must not pay for.
-    if kind == "chestxray14":
-        from cxr_embed.readers import chestxray14
-
-        return chestxray14.read
-    if kind == "dicom":
-        from cxr_embed.readers import dicom
-
-        return dicom.read
-    from cxr_embed.readers import folder
-
-    return folder.read
+def parse_label(text: str) -> int | None:
+    """Label text to 0/1: abnormal, 1, positive -> 1; normal, 0, No Finding -> 0; else ValueError."""
+    value = text.strip().lower()
+    if value in NORMAL_NAMES:
+        return 0
+    if value in ABNORMAL_NAMES:
+        return 1
+    raise ValueError(f"label {text!r} is neither normal (0) nor abnormal (1)")
 
 
-def detect_dataset(root: Path) -> str:
-    """Guess the layout of ``root``: "chestxray14", "dicom" or "folder"."""
-    from cxr_embed.readers.chestxray14 import find_data_entry
-    from cxr_embed.readers.dicom import is_dicom_file
-
-    if root.is_file():
-        if root.suffix.lower() == ".csv" and root.name.startswith("Data_Entry"):
-            return "chestxray14"
-        return "dicom" if is_dicom_file(root) else "folder"
-    if find_data_entry(root) is not None:
-        return "chestxray14"
-    for path in iter_files(root, limit=50):
-        if path.name != "DICOMDIR" and is_dicom_file(path):
-            return "dicom"
-    return "folder"
+def parse_sex(text: str) -> str | None:
+    """ "M"/"F" (any case); anything else (O, blank, unknown) is None."""
+    text = text.upper()
+    return text if text in ("M", "F") else None
 
 
-def iter_files(root: Path, limit: int | None = None):
-    """Yield regular files under ``root`` recursively, sorted per directory, skipping hidden entries."""
-    count = 0
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for name in sorted(filenames):
-            if name.startswith("."):
-                continue
-            yield Path(dirpath) / name
-            count += 1
-            if limit is not None and count >= limit:
-                return
+def parse_age(text: str) -> float | None:
+    """Ages appear as ``58`` (CSV) or ``058Y`` / ``006M`` (DICOM Age String, early ChestX-ray14)."""
+    if not text:
+        return None
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([YMWD]?)", text.upper())
+    if match is None:
+        raise ValueError(f"Patient Age {text!r} is not a number")
+    return float(match.group(1)) / {"": 1, "Y": 1, "M": 12, "W": 52.1775, "D": 365.25}[match.group(2)]

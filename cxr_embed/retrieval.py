@@ -16,6 +16,11 @@ query, the excluded patient. :class:`Ranker` applies it by selectivity:
   under a filter; a query that got fewer than ``min(k, allowed)`` hits is redone exactly on the
   subset (``"exact-subset"``).
 
+A query that is itself a stored image (``search_by_ids``, or ``search_by_images`` on a stored
+file) never gets that image back, and so never counts its own label in the vote: ranking asks for
+one extra neighbour and drops the query's row. Its patient's other images stay unless
+``exclude_same_patient`` removes them too.
+
 Similarity is the inner product of unit-norm embeddings (= cosine); query vectors are normalised
 here. The probability of abnormal is a kNN vote over the neighbours with a known label:
 ``vote="weighted"`` (default) weights each by ``max(similarity, 0)`` so near-duplicates count more
@@ -83,6 +88,7 @@ class SearchResult:
     candidates: int  # rows that passed the filters for this query
     query: str = ""
     excluded_patient: str | None = None
+    excluded_row: int | None = None  # the query's own row, when it is a stored image
 
     def __iter__(self) -> Iterator[Neighbor]:
         return iter(self.neighbors)
@@ -149,11 +155,13 @@ def search(
     *,
     vote: Vote = "weighted",
     queries: Sequence[str] | None = None,
+    exclude_rows: Sequence[int | None] | None = None,
 ) -> list[SearchResult]:
     """k nearest stored images for each row of ``query_vectors`` (Q, D).
 
     ``exclude_patients[i]`` (one entry per query, None = nothing) removes that patient's images
-    from query i's candidates; ``queries`` are labels carried into the results for display.
+    from query i's candidates; ``exclude_rows[i]`` is query i's own row_id when it is a stored
+    image (never returned, never voting); ``queries`` are labels carried into the results.
     """
     if k < 1:
         raise ConfigError(f"k must be at least 1 (got {k}).")
@@ -164,8 +172,10 @@ def search(
     vectors = np.ascontiguousarray(vectors / np.where(norms > 0, norms, 1.0))
     n, n_queries = len(store), len(vectors)
     excluded = list(exclude_patients) if exclude_patients is not None else [None] * n_queries
-    if len(excluded) != n_queries:
-        raise ConfigError(f"exclude_patients needs one entry per query ({n_queries}), got {len(excluded)}.")
+    own = list(exclude_rows) if exclude_rows is not None else [None] * n_queries
+    if len(excluded) != n_queries or len(own) != n_queries:
+        raise ConfigError(f"exclude_patients and exclude_rows need one entry per query ({n_queries}).")
+    extra = int(any(r is not None for r in own))  # one more, so k remain once the query's row is dropped
 
     ranker = ranker_for(store)
     con = connect_readonly(store)
@@ -173,9 +183,10 @@ def search(
         base = _where_mask(con, n, where)
         masks = [base if p is None else _without_patient(con, base, n, p) for p in excluded]
         if all(m is base for m in masks):  # one shared mask: rank all queries in one batch
-            ranked = ranker.rank(vectors, base, k)
+            ranked = ranker.rank(vectors, base, k + extra)
         else:
-            ranked = [ranker.rank(vectors[i : i + 1], masks[i], k)[0] for i in range(n_queries)]
+            ranked = [ranker.rank(vectors[i : i + 1], masks[i], k + extra)[0] for i in range(n_queries)]
+        ranked = [_without_row(r, own[i], k) for i, r in enumerate(ranked)]
         rows = _rows_by_id(con, np.unique(np.concatenate([ids for ids, _, _ in ranked] or [np.empty(0, np.int64)])))
     finally:
         con.close()
@@ -188,12 +199,28 @@ def search(
                 neighbors=neighbors,
                 probability_abnormal=knn_vote([nb.similarity for nb in neighbors], [nb.label for nb in neighbors], vote),
                 strategy=strategy,
-                candidates=n if masks[i] is None else int(masks[i].sum()),
+                candidates=_candidates(masks[i], n, own[i]),
                 query=queries[i] if queries is not None else "",
                 excluded_patient=excluded[i],
+                excluded_row=own[i],
             )
         )
     return results
+
+
+def _without_row(ranked: Ranked, row: int | None, k: int) -> Ranked:
+    """The top ``k`` of ``ranked`` without ``row`` (the query itself); if it was not there, the top k."""
+    ids, sims, strategy = ranked
+    if row is not None:
+        keep = ids != row
+        ids, sims = ids[keep], sims[keep]
+    return ids[:k], sims[:k], strategy
+
+
+def _candidates(mask: np.ndarray | None, n: int, own_row: int | None) -> int:
+    """Rows a query could return: those passing its filters, less its own row."""
+    allowed = n if mask is None else int(mask.sum())
+    return allowed - int(own_row is not None and (mask is None or bool(mask[own_row])))
 
 
 @contextmanager
@@ -415,11 +442,13 @@ def search_by_ids(
     exclude_same_patient: bool = False,
     vote: Vote = "weighted",
 ) -> list[SearchResult]:
-    """Neighbours of stored images; with ``exclude_same_patient`` none shares the query's patient."""
+    """Neighbours of stored images, never the query image itself; with ``exclude_same_patient`` none
+    shares the query's patient either."""
     found = stored_queries(store, image_ids)
     excluded = [q.patient_id for q in found] if exclude_same_patient else None
     vectors = np.stack([q.vector for q in found])
-    return search(store, vectors, k, where, excluded, vote=vote, queries=list(image_ids))
+    return search(store, vectors, k, where, excluded, vote=vote, queries=list(image_ids),
+                  exclude_rows=[q.row_id for q in found])
 
 
 def embed_query_images(store: Store, model: MedImageInsight, paths: Sequence[str | Path]) -> np.ndarray:
@@ -428,18 +457,18 @@ def embed_query_images(store: Store, model: MedImageInsight, paths: Sequence[str
     return np.asarray(model.embed_paths([str(p) for p in paths]), dtype=np.float32)
 
 
-def patients_of_paths(store: Store, paths: Sequence[str | Path]) -> list[str | None]:
-    """Patient ids of images already in the store (matched by resolved path), else None."""
+def stored_rows_of_paths(store: Store, paths: Sequence[str | Path]) -> list[tuple[int, str | None] | None]:
+    """(row_id, patient_id) of each file already in the store (matched by resolved path), else None."""
     resolved = [str(Path(p).resolve()) for p in paths]
     con = connect_readonly(store)
     try:
         rows = con.execute(
-            "SELECT path, any_value(patient_id) FROM images WHERE path IN (SELECT unnest($p)) GROUP BY path",
+            "SELECT path, min(row_id), any_value(patient_id) FROM images WHERE path IN (SELECT unnest($p)) GROUP BY path",
             {"p": resolved},
         ).fetchall()
     finally:
         con.close()
-    by_path = dict(rows)
+    by_path = {path: (int(row), patient) for path, row, patient in rows}
     return [by_path.get(p) for p in resolved]
 
 
@@ -453,11 +482,13 @@ def search_by_images(
     patient_ids: Sequence[str | None] | None = None,
     vote: Vote = "weighted",
 ) -> list[SearchResult]:
-    """Neighbours of new image files. The patient to exclude is ``patient_ids[i]`` when given, else
-    the patient of the same file in the store; excluding with neither known is a ConfigError."""
+    """Neighbours of image files. A file that is itself in the store never gets its own row back.
+    The patient to exclude is ``patient_ids[i]`` when given, else the patient of the same file in
+    the store; excluding with neither known is a ConfigError."""
+    stored = stored_rows_of_paths(store, paths)
     excluded = None
     if exclude_same_patient:
-        known = patients_of_paths(store, paths)
+        known = [found[1] if found else None for found in stored]
         excluded = [given or found for given, found in zip(patient_ids or [None] * len(paths), known, strict=True)]
         unknown = [str(p) for p, pid in zip(paths, excluded, strict=True) if pid is None]
         if unknown:
@@ -466,7 +497,8 @@ def search_by_images(
                 "Give its patient with --patient-id."
             )
     vectors = embed_query_images(store, model, paths)
-    return search(store, vectors, k, where, excluded, vote=vote, queries=[str(p) for p in paths])
+    own = [found[0] if found else None for found in stored]
+    return search(store, vectors, k, where, excluded, vote=vote, queries=[str(p) for p in paths], exclude_rows=own)
 
 
 def search_by_texts(

@@ -52,10 +52,14 @@ ERRORS_SCHEMA = pa.schema(
     ]
 )
 
+_TIMESTAMP = pa.timestamp("us", tz="UTC")
+
 RESULT_SCHEMAS: dict[str, pa.Schema] = {
+    # One row per evaluated image: calibrated probability and the classifier's raw one beside it.
     "predictions": pa.schema(
         [
             ("run_id", pa.string()),
+            ("plan_id", pa.string()),
             ("arm", pa.string()),
             ("classifier", pa.string()),
             ("target", pa.string()),
@@ -63,30 +67,86 @@ RESULT_SCHEMAS: dict[str, pa.Schema] = {
             ("row_id", pa.int64()),
             ("image_id", pa.string()),
             ("probability", pa.float64()),
+            ("probability_raw", pa.float64()),
             ("label", pa.int8()),
         ]
     ),
+    # fold -1 = pooled; subgroup/level NULL for the whole plan, else e.g. ('sex', 'F').
     "metrics": pa.schema(
         [
             ("run_id", pa.string()),
+            ("plan_id", pa.string()),
             ("arm", pa.string()),
             ("classifier", pa.string()),
             ("target", pa.string()),
             ("fold", pa.int32()),
+            ("subgroup", pa.string()),
+            ("level", pa.string()),
             ("metric", pa.string()),
             ("value", pa.float64()),
             ("ci_low", pa.float64()),
             ("ci_high", pa.float64()),
         ]
     ),
+    # params: JSON (plan_id, bootstrap_unit, ...); warnings: JSON list of what the user must know.
     "runs": pa.schema(
         [
             ("run_id", pa.string()),
             ("kind", pa.string()),
-            ("created_at", pa.timestamp("us", tz="UTC")),
+            ("created_at", _TIMESTAMP),
             ("params", pa.string()),
             ("versions", pa.string()),
             ("timings", pa.string()),
+            ("warnings", pa.string()),
+        ]
+    ),
+    # The evaluation plans: fold = test fold (K folds, else 0); split = train/val/test (one-split plans).
+    "splits": pa.schema(
+        [
+            ("plan_id", pa.string()),
+            ("kind", pa.string()),
+            ("seed", pa.int64()),
+            ("params", pa.string()),
+            ("created_at", _TIMESTAMP),
+            ("row_id", pa.int64()),
+            ("image_id", pa.string()),
+            ("fold", pa.int32()),
+            ("split", pa.string()),
+        ]
+    ),
+    # The study: per arm rows (versus NULL) and paired comparisons (versus = the reference arm).
+    "studies": pa.schema(
+        [
+            ("study_id", pa.string()),
+            ("created_at", _TIMESTAMP),
+            ("plan_id", pa.string()),
+            ("target", pa.string()),
+            ("arm", pa.string()),
+            ("classifier", pa.string()),
+            ("run_id", pa.string()),
+            ("versus", pa.string()),
+            ("metric", pa.string()),
+            ("value", pa.float64()),
+            ("ci_low", pa.float64()),
+            ("ci_high", pa.float64()),
+            ("p_value", pa.float64()),
+            ("n", pa.int64()),
+        ]
+    ),
+    # A fine-tuning sweep: one row per grid cell, validation metrics only; selected = the cell tested.
+    "sweep": pa.schema(
+        [
+            ("sweep_id", pa.string()),
+            ("created_at", _TIMESTAMP),
+            ("plan_id", pa.string()),
+            ("lr", pa.float64()),
+            ("weight_decay", pa.float64()),
+            ("run_id", pa.string()),
+            ("status", pa.string()),
+            ("val_roc_auc", pa.float64()),
+            ("val_brier", pa.float64()),
+            ("selected", pa.bool_()),
+            ("out", pa.string()),
         ]
     ),
 }

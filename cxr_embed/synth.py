@@ -432,9 +432,12 @@ def to_uint8(img: np.ndarray) -> np.ndarray:
 
 
 def generate(
-    out: str | Path, n: int, *, layout: str = "chestxray14", seed: int = 0, size: int = 1024
+    out: str | Path, n: int, *, layout: str = "chestxray14", seed: int = 0, size: int = 1024, workers: int = 1
 ) -> SynthResult:
     """Write ``n`` synthetic radiographs and their metadata to ``out`` in ``layout``.
+
+    ``workers`` > 1 renders and encodes the PNG layouts in that many processes (same files: each image
+    depends only on its case and the seed); benchmarks need tens of thousands of 1024 px images.
 
     chestxray14: ``images_001/images/*.png`` (10,000 per folder), ``Data_Entry_2017_v2020.csv``,
     ``train_val_list.txt``, ``test_list.txt``. folder: ``normal/`` and ``abnormal/`` PNGs plus
@@ -448,8 +451,11 @@ def generate(
     root = Path(out)
     root.mkdir(parents=True, exist_ok=True)
     cases = plan_cases(n, seed)
-    writer = {"chestxray14": _write_chestxray14, "folder": _write_folder, "dicom": _write_dicom}[layout]
-    writer(root, cases, seed, size)
+    if layout == "dicom":
+        _write_dicom(root, cases, seed, size)
+    else:
+        writer = _write_chestxray14 if layout == "chestxray14" else _write_folder
+        writer(root, cases, seed, size, workers)
     counts = {name: sum(c.findings[i] for c in cases) for i, name in enumerate(FINDINGS)}
     result = SynthResult(
         out=str(root.resolve()),
@@ -466,15 +472,11 @@ def generate(
     return result
 
 
-def _write_chestxray14(root: Path, cases: list[SynthCase], seed: int, size: int) -> None:
+def _write_chestxray14(root: Path, cases: list[SynthCase], seed: int, size: int, workers: int) -> None:
     from cxr_embed.readers.chestxray14 import write_data_entry, write_split_lists
 
-    for c in cases:
-        folder = root / f"images_{c.index // 10000 + 1:03d}" / "images"
-        folder.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(to_uint8(render_case(c, seed, size)), mode="L").save(
-            folder / c.image_id, compress_level=1
-        )
+    _save_pngs([(c, root / f"images_{c.index // 10000 + 1:03d}" / "images" / c.image_id) for c in cases], seed, size,
+               workers)
     rows = [
         {"image_id": c.image_id, "findings": c.findings, "study": c.study, "patient_id": c.patient, "age": c.age,
          "sex": c.sex, "view": c.view, "width": size, "height": size, "spacing": 0.143 * 1024 / size}
@@ -496,14 +498,30 @@ def _csv_row(c: SynthCase, path: str, image_id: str) -> tuple[str, ...]:
             c.split, c.sex, str(c.age), c.view)  # fmt: skip
 
 
-def _write_folder(root: Path, cases: list[SynthCase], seed: int, size: int) -> None:
-    rows = []
-    for c in cases:
-        rel = f"{'abnormal' if c.label else 'normal'}/{c.image_id}"
-        (root / rel).parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(to_uint8(render_case(c, seed, size)), mode="L").save(root / rel, compress_level=1)
-        rows.append(_csv_row(c, rel, rel))
-    _labels_csv(root, rows)
+def _write_folder(root: Path, cases: list[SynthCase], seed: int, size: int, workers: int) -> None:
+    rels = [f"{'abnormal' if c.label else 'normal'}/{c.image_id}" for c in cases]
+    _save_pngs([(c, root / rel) for c, rel in zip(cases, rels, strict=True)], seed, size, workers)
+    _labels_csv(root, [_csv_row(c, rel, rel) for c, rel in zip(cases, rels, strict=True)])
+
+
+def _save_png(job: tuple[SynthCase, Path], seed: int, size: int) -> None:
+    case, path = job
+    Image.fromarray(to_uint8(render_case(case, seed, size)), mode="L").save(path, compress_level=1)
+
+
+def _save_pngs(jobs: list[tuple[SynthCase, Path]], seed: int, size: int, workers: int) -> None:
+    """Render and write each (case, path), in ``workers`` processes when more than one."""
+    for folder in {path.parent for _, path in jobs}:
+        folder.mkdir(parents=True, exist_ok=True)
+    save = functools.partial(_save_png, seed=seed, size=size)
+    if workers <= 1:
+        for job in jobs:
+            save(job)
+        return
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(workers) as pool:
+        list(pool.map(save, jobs, chunksize=max(1, len(jobs) // (workers * 8))))
 
 
 def _write_dicom(root: Path, cases: list[SynthCase], seed: int, size: int) -> None:

@@ -28,6 +28,13 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip)
 
 
+@pytest.fixture(autouse=True)
+def _private_config_dir(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No test writes the user's real config dir (the DICOM reader creates its key file there)."""
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path_factory.getbasetemp() / "xdg-config"))
+    monkeypatch.delenv("CXR_EMBED_ID_SALT", raising=False)
+
+
 # --- section: model (issue 2) ---
 
 REFERENCE = DATA / "reference"
@@ -70,7 +77,7 @@ def synth_cxr14(tmp_path_factory: pytest.TempPathFactory) -> Path:
     grayscale), ``Data_Entry_2017_v2020.csv``, ``train_val_list.txt``, ``test_list.txt``, plus
     ``synth.json`` (the counts). Contents: 40 images of 15 patients (1-5 follow-ups each), exactly
     20 abnormal / 20 normal, split patient-wise into 31 train / 9 test images. Read it with
-    ``cxr_embed.records.read_dataset(path)`` (40 records, no failures). Treat it as read-only:
+    ``cxr_embed.readers.read_dataset(path)`` (40 records, no failures). Treat it as read-only:
     it is shared by the whole session; copy it (``shutil.copytree``) before modifying.
     """
     from cxr_embed.synth import generate
@@ -174,13 +181,13 @@ TINY_STORE_SHARD_SIZE = 16
 def signal_arrays():
     """(embeddings, rows) of 600 images (~165 patients, 32-d) with a strong known label signal.
 
-    Built by ``evaluation.synthetic_cohort`` (separation 3: every classifier reaches ROC-AUC > 0.9);
+    Built by ``cohort.synthetic_cohort`` (separation 3: every classifier reaches ROC-AUC > 0.9);
     abnormal rows carry 1-2 of the first four FINDINGS, so the other ten have no positives. Patients
     with an even number are ``train``, odd ``test`` (for ``--split official``).
     """
     import numpy as np
 
-    from cxr_embed.evaluation import synthetic_cohort
+    from cxr_embed.cohort import synthetic_cohort
     from cxr_embed.records import FINDINGS
 
     c = synthetic_cohort(600, 32, separation=3.0, n_clusters=8, seed=1)
@@ -272,9 +279,9 @@ def search_store(tmp_path_factory: pytest.TempPathFactory, search_arrays):
     emb, rows = search_arrays
     store = build_store_from_arrays(tmp_path_factory.mktemp("search") / "store", emb, rows)
     store.write_results("predictions", pa.table({
-        "run_id": ["r1"] * 4, "arm": ["frozen"] * 4, "classifier": ["logreg"] * 4, "target": ["abnormal"] * 4,
+        "run_id": ["r1"] * 4, "plan_id": ["kfold-test"] * 4, "arm": ["frozen"] * 4, "classifier": ["logreg"] * 4, "target": ["abnormal"] * 4,
         "fold": [0, 0, 1, 1], "row_id": [0, 10, 20, 30], "image_id": [rows[i]["image_id"] for i in (0, 10, 20, 30)],
-        "probability": [0.1, 0.9, 0.2, 0.8], "label": [rows[i]["label"] for i in (0, 10, 20, 30)],
+        "probability": [0.1, 0.9, 0.2, 0.8], "probability_raw": [0.1, 0.9, 0.2, 0.8], "label": [rows[i]["label"] for i in (0, 10, 20, 30)],
     }))
     return store
 

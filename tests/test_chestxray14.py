@@ -10,13 +10,14 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from cxr_embed.errors import CsvFormatError, CxrEmbedError, InputError
+from cxr_embed.readers import read_dataset
 from cxr_embed.readers.chestxray14 import (
     expand_header,
     format_finding_labels,
     parse_data_entry,
     parse_finding_labels,
 )
-from cxr_embed.records import FINDINGS, FailureSink, read_dataset
+from cxr_embed.records import FINDINGS, FailureSink
 
 # The 2017 file as NIH/Kaggle ship it: unquoted bracket headers and a trailing comma on every line.
 DATA_ENTRY_2017 = """\

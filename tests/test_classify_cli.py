@@ -38,7 +38,10 @@ def test_classify_json_and_results_in_the_store(classified_store) -> None:
     assert kind == "classify" and json.loads(params)["models"] == ["lr", "svm"]
     assert con.execute("SELECT count(*) FROM metrics WHERE run_id = ? AND fold = -1 AND metric = 'ece'",
                        [doc["run_id"]]).fetchone() == (2,)
-    assert sorted(p.name for p in (path / "classifiers").iterdir()) == ["lr.json", "lr.skops", "svm.json", "svm.skops"]
+    run_dir = path / "classifiers" / doc["run_id"]
+    assert sorted(p.name for p in run_dir.iterdir()) == ["lr.json", "lr.safetensors", "svm.json", "svm.safetensors"]
+    assert json.loads((path / "classifiers" / "latest.json").read_text())["run_id"] == doc["run_id"]
+    assert doc["saved_models"] == [str(run_dir / "lr.safetensors"), str(run_dir / "svm.safetensors")]
 
 
 def test_classify_table_output_and_user_errors(classified_store) -> None:
@@ -54,22 +57,53 @@ def test_classify_table_output_and_user_errors(classified_store) -> None:
 
 
 def test_predict_scores_new_images_with_the_store_model(classified_store, synth_cxr14, tiny_model, tmp_path) -> None:
-    from cxr_embed.evaluation import predict_images
+    from cxr_embed.predict import predict_images
 
-    path, _ = classified_store
-    images = sorted(synth_cxr14.glob("images_*/images/*.png"))[:1]
+    path, doc = classified_store
+    images = sorted(synth_cxr14.glob("images_*/images/*.png"))[:2]
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"not a png")
-    results, meta = predict_images(Store.open(path), "lr", [*images, broken], model=tiny_model)
-    assert set(meta["thresholds"]) == {"youden", "sens90"} and meta["model_id"] == tiny_model.model_id
-    for r in results[:1]:
-        assert 0 <= r.probability <= 1 and r.error is None
-        assert r.decisions["sens90"] == (r.probability >= meta["thresholds"]["sens90"])
-    assert results[1].probability is None and "broken.png" in results[1].error
+    run = predict_images(Store.open(path), "lr", [images[0], broken, *images[1:]], model=tiny_model, batch_size=2)
+    assert (run.run_id, run.calibration, run.target, run.plan_id) == (doc["run_id"], "platt", "abnormal", doc["plan_id"])
+    assert set(run.thresholds) == {"youden", "sens90"} and run.model_id == tiny_model.model_id
+    good = [r for r in run.predictions if r.error is None]
+    assert [r.path for r in good] == [str(p) for p in images]  # the bad file in a batch does not sink the others
+    for r in good:
+        assert 0 <= r.probability <= 1
+        assert r.decisions["sens90"] == (r.probability >= run.thresholds["sens90"])
+    assert run.predictions[1].probability is None and "broken.png" in run.predictions[1].error
+
+
+@pytest.mark.slow  # two more classify runs and a tiny-model load in the CLI
+def test_predict_cli_says_which_run_and_picks_another(classified_store, synth_cxr14, tmp_path) -> None:
+    from cxr_embed.model import tiny_model_dir
+
+    source, first = classified_store
+    path = tmp_path / "store"
+    shutil.copytree(source, path)
+    second = runner.invoke(app, ["classify", "--store", str(path), "--models", "knn", "--folds", "3",
+                                 "--bootstrap", "0", "--no-plots", "--json"])
+    assert second.exit_code == 0, second.output
+    second_run = json.loads(second.stdout)["run_id"]
+    image = str(sorted(synth_cxr14.glob("images_*/images/*.png"))[0])
+    base = ["predict", "--store", str(path), "--model-dir", str(tiny_model_dir()), "--device", "cpu", image]
+    latest = runner.invoke(app, [*base, "-c", "knn"])
+    assert latest.exit_code == 0 and f"from run {second_run}" in latest.stderr and "calibration none" in latest.stderr
+    missing = runner.invoke(app, [*base, "-c", "lr"])
+    assert missing.exit_code == 1 and f"No classifier 'lr' in run {second_run}" in missing.stderr
+    assert first["run_id"] in missing.stderr and "--run" in missing.stderr
+    older = runner.invoke(app, [*base, "-c", "lr", "--run", first["run_id"], "--batch-size", "4", "--json"])
+    assert older.exit_code == 0, older.output
+    out = json.loads(older.stdout)
+    assert (out["run_id"], out["calibration"], out["classifier"]) == (first["run_id"], "platt", "lr")
+    assert out["precision"] == "fp32" and len(out["classifier_sha256"]) == 64
+    assert 0 <= out["predictions"][0]["probability"] <= 1
 
 
 def test_predict_cli_reports_a_missing_classifier(classified_store, synth_cxr14) -> None:
-    path, _ = classified_store
+    path, doc = classified_store
     image = sorted(synth_cxr14.glob("images_*/images/*.png"))[0]
     missing = runner.invoke(app, ["predict", "--store", str(path), "--classifier", "rf", str(image)])
     assert missing.exit_code == 1 and "No classifier 'rf'" in missing.output and "lr" in missing.output
+    bad = runner.invoke(app, ["predict", "--store", str(path), "-c", "lr", "--run", "../../x", str(image)])
+    assert bad.exit_code == 1 and "Invalid run id" in bad.stderr

@@ -32,12 +32,13 @@ def test_demo_store_holds_embeddings_and_both_arms(demo_run, demo_store: Store) 
     con = demo_store.connect()
     frozen = {r[0] for r in con.sql("SELECT DISTINCT classifier FROM predictions WHERE arm = 'frozen'").fetchall()}
     assert frozen == FROZEN
-    per_classifier = con.sql(
-        "SELECT classifier, count(*) FROM predictions WHERE arm = 'frozen' GROUP BY classifier"
-    ).fetchall()
-    assert all(n == DEMO_N for _, n in per_classifier)  # every image predicted once, out of fold
     finetuned = con.sql("SELECT count(*), count(row_id) FROM predictions WHERE arm = 'finetuned'").fetchall()[0]
     assert finetuned[0] > 0 and finetuned[0] == finetuned[1]  # test-split rows, joinable to the store
+    # both arms on the same hold-out plan: every frozen classifier scored exactly the fine-tune's test images
+    sets = con.sql("SELECT arm, classifier, plan_id, list(image_id ORDER BY image_id) FROM latest_predictions "
+                   "GROUP BY ALL").fetchall()
+    assert len(sets) == 6 and len({s[2] for s in sets}) == 1 and len({tuple(s[3]) for s in sets}) == 1
+    assert len(sets[0][3]) == finetuned[0] == demo_run.result["n_test_images"]
     kinds = {r[0] for r in con.sql("SELECT kind FROM runs").fetchall()}
     assert kinds == {"classify", "finetune"}
 
@@ -47,7 +48,12 @@ def test_summary_table_compares_the_arms(demo_run) -> None:
     assert {(r["arm"], r["classifier"]) for r in table} == {("frozen", c) for c in FROZEN} | {("finetuned", "finetune")}
     for row in table:
         assert 0.0 <= row["roc_auc"] <= 1.0 and 0.0 <= row["brier"] <= 1.0
-    assert set(demo_run.result["timings"]) >= {"synth", "index", "classify", "finetune", "search", "sql", "total"}
+        low, high = row["roc_auc_ci"]  # patients resampled: on ~15 test images a wide interval
+        assert 0.0 <= low <= high <= 1.0
+    compared = [r for r in table if r["delong_p"] is not None]
+    assert len(compared) == 5 and all(0.0 <= r["delong_p"] <= 1.0 for r in compared)  # every arm vs the reference
+    assert demo_run.result["reference"].startswith("frozen/")
+    assert set(demo_run.result["timings"]) >= {"synth", "index", "classify", "finetune", "study", "search", "sql", "total"}
     marker = json.loads((demo_run.out / "demo.json").read_text())
     assert marker["status"] == "complete"
 

@@ -1,4 +1,7 @@
-"""DICOM: pixels (modality LUT, VOI window/LUT, MONOCHROME1, bit depths, compression) and de-identified records."""
+"""DICOM: pixels (modality LUT, VOI window/LUT, MONOCHROME1, bit depths, compression) and de-identified records.
+
+Privacy, scope, duplicates, the key and the listing cache: tests/test_dicom_deid.py.
+"""
 
 from __future__ import annotations
 
@@ -12,10 +15,10 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
 from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, RLELossless, generate_uid
 
-from cxr_embed.errors import DicomError
-from cxr_embed.imageio import read_image
-from cxr_embed.readers.dicom import apply_window, pseudonym
-from cxr_embed.records import read_dataset
+from cxr_embed.errors import ConfigError, DicomError
+from cxr_embed.imageio import apply_window, read_image
+from cxr_embed.readers import read_dataset
+from cxr_embed.readers.deid import stretch
 
 IDENTIFYING = {
     "PatientName": "DOE^JANE",
@@ -47,6 +50,7 @@ def make_dicom(
     ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"
     ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID = generate_uid()
     ds.PatientID, ds.PatientSex, ds.PatientAge, ds.ViewPosition = patient_id, "F", "063Y", "PA"
+    ds.Modality = "DX"
     ds.StudyDate, ds.StudyInstanceUID = study
     for key, value in {**IDENTIFYING, **tags}.items():
         setattr(ds, key, value)
@@ -157,24 +161,36 @@ def test_file_without_pixel_data_is_rejected(tmp_path: Path) -> None:
         read_dataset(tmp_path, "dicom")
 
 
+KEY = "0123456789abcdef-test-key"
+
+
 def test_records_carry_no_identifying_field(tmp_path: Path) -> None:
-    uid = make_dicom(tmp_path / "x.dcm", RAMP12)
-    (record,) = read_dataset(tmp_path, salt="s3cret")
-    assert record.image_id == uid and record.source == "dicom"
-    assert (record.sex, record.age, record.view, record.study) == ("F", 63.0, "PA", 0)
-    assert record.patient_id == pseudonym("MRN-0001", b"s3cret") and "MRN" not in record.patient_id
-    text = repr(dataclasses.astuple(record))
-    for value in [*IDENTIFYING.values(), "MRN-0001", "19510203", "1.2.3.1", "20200101"]:
-        assert value not in text
-    assert read_dataset(tmp_path, raw_ids=True)[0].patient_id == "MRN-0001"
-    assert read_dataset(tmp_path, salt="other")[0].patient_id != record.patient_id
+    key_file = tmp_path / "key"
+    key_file.write_text(KEY)
+    src = tmp_path / "src"
+    src.mkdir()
+    uid = make_dicom(src / "x.dcm", RAMP12)
+    (record,) = read_dataset(src, key_file=key_file)
+    key = stretch(KEY.encode(), "test")
+    assert (
+        record.image_id == key.uid(uid) and record.image_id.startswith("2.25.") and record.source == "dicom"
+    )
+    assert (record.sex, record.age, record.view, record.study, record.modality) == ("F", 63.0, "PA", 0, "DX")
+    assert record.patient_id == key.patient("MRN-0001") and "MRN" not in record.patient_id
+    assert record.stored_path == key.reference(b"x.dcm") and record.path == str(src / "x.dcm")
+    stored = repr(dataclasses.astuple(dataclasses.replace(record, path="")))
+    for value in [*IDENTIFYING.values(), "MRN-0001", "19510203", "1.2.3.1", "20200101", uid, "x.dcm"]:
+        assert value not in stored
+    other = tmp_path / "other-key"
+    other.write_text("another-key-of-16-chars")
+    assert read_dataset(src, key_file=other)[0].patient_id != record.patient_id
 
 
-def test_salt_from_environment_and_study_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_key_from_environment_and_study_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     make_dicom(tmp_path / "late.dcm", RAMP12, study=("20210505", "1.2.3.9"))
     make_dicom(tmp_path / "early.dcm", RAMP12, study=("20190101", "1.2.3.5"))
     make_dicom(tmp_path / "other.dcm", RAMP12, patient_id="MRN-0002", study=("20220101", "1.2.3.7"))
-    monkeypatch.setenv("CXR_EMBED_ID_SALT", "env-salt")
+    monkeypatch.setenv("CXR_EMBED_ID_SALT", "env-key-0123456789")
     records = {Path(r.path).name: r for r in read_dataset(tmp_path)}
     assert (
         records["early.dcm"].study == 0 and records["late.dcm"].study == 1 and records["other.dcm"].study == 0
@@ -182,8 +198,11 @@ def test_salt_from_environment_and_study_order(tmp_path: Path, monkeypatch: pyte
     assert (
         records["early.dcm"].patient_id
         == records["late.dcm"].patient_id
-        == pseudonym("MRN-0001", b"env-salt")
+        == stretch(b"env-key-0123456789", "env").patient("MRN-0001")
     )
+    monkeypatch.setenv("CXR_EMBED_ID_SALT", "short")
+    with pytest.raises(ConfigError, match="too short"):
+        read_dataset(tmp_path)
 
 
 def test_synthetic_dicom_layout_with_labels(tmp_path: Path) -> None:

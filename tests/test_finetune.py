@@ -276,7 +276,8 @@ def _check_export(run_dir: Path) -> None:
     meta = json.loads((run_dir / "model" / "head.json").read_text())
     assert head["weight"].shape == (len(meta["targets"]), base.module.cfg.image.feature_dim)
     assert float(head["temperature"]) == pytest.approx(meta["temperature"]) and meta["temperature"] > 0
-    for name, schema in RESULT_SCHEMAS.items():
+    for name in ("predictions", "metrics", "runs"):  # a run without --store writes these into its folder
+        schema = RESULT_SCHEMAS[name]
         table = pq.read_table(run_dir / "results" / name)
         assert table.schema.names == schema.names and table.num_rows > 0
     preds = pq.read_table(run_dir / "results" / "predictions").to_pylist()
@@ -287,13 +288,13 @@ def _check_export(run_dir: Path) -> None:
 @pytest.mark.slow
 def test_short_run_learns_and_writes_the_classify_tables_into_a_store(synth_cxr14, tmp_path):
     """Loss falls and validation ROC-AUC beats chance; predictions/metrics/runs land in the store, by row_id."""
-    from cxr_embed.records import read_dataset
+    from cxr_embed.readers import read_dataset
     from cxr_embed.store import Store, build_store_from_arrays
 
     records = read_dataset(synth_cxr14)
     store = build_store_from_arrays(tmp_path / "store", np.eye(len(records), 8, dtype=np.float32) + 0.1, records)
     cfg = _small_config(synth_cxr14, tmp_path / "run", epochs=2, batch_size=4, accumulate=1, freeze_stages=3,
-                        ema=None, val_fraction=0.3, store=str(tmp_path / "store"))
+                        ema=None, val_fraction=0.3, store=str(tmp_path / "store"), split="official")
     result = finetune(cfg, progress=False)
     assert result.status == "completed" and result.state.global_step == 2 * math.ceil(result.n_images["train"] / 4)
     first, last = result.state.history[0], result.state.history[-1]
@@ -306,11 +307,35 @@ def test_short_run_learns_and_writes_the_classify_tables_into_a_store(synth_cxr1
                    strict=True))
     assert preds and all(p["arm"] == "finetuned" and p["row_id"] == ids[p["image_id"]] for p in preds)
     with st.connect() as con:
-        n = con.execute("SELECT count(*) FROM metrics WHERE arm = 'finetuned' AND metric = 'roc_auc' AND fold = -1"
+        n = con.execute("SELECT count(*) FROM metrics WHERE arm = 'finetuned' AND metric = 'roc_auc' AND fold = -1 "
+                        "AND subgroup IS NULL"
                         ).fetchone()[0]
         kind = con.execute("SELECT kind FROM runs").fetchone()[0]
     assert n == 1 and kind == "finetune"
     assert list((tmp_path / "run" / "plots" / result.run_id).glob("*.png"))
+    _both_arms_on_the_same_rows(st, result)
+
+
+def _both_arms_on_the_same_rows(store, result) -> None:
+    """classify on the fine-tune's plan scores exactly its test images; study pairs them; other plans are refused."""
+    from cxr_embed.errors import EvaluationError
+    from cxr_embed.evaluation import ClassifyConfig, classify_store
+    from cxr_embed.study import StudyConfig, run_study
+
+    frozen = classify_store(store, ClassifyConfig(models=("lr",), plan_id=result.plan_id, n_boot=0, refit=False,
+                                                  plots=False))
+    with store.connect() as con:
+        ids = {arm: {v for (v,) in con.execute("SELECT image_id FROM latest_predictions WHERE arm = ?", [arm])
+                     .fetchall()} for arm in ("frozen", "finetuned")}
+    assert ids["frozen"] == ids["finetuned"] and len(ids["frozen"]) == result.n_images["test"]
+    study = run_study(store, StudyConfig(n_boot=50, plots=False))
+    assert study.plan_id == result.plan_id == frozen.plan_id and study.n_images == result.n_images["test"]
+    (cmp,) = study.comparisons
+    assert cmp.reference == "frozen/lr" and cmp.arm == "finetuned/finetune" and 0 <= cmp.delong_p <= 1
+    other = classify_store(store, ClassifyConfig(models=("lr",), folds=2, n_boot=0, refit=False, plots=False))
+    assert other.plan_id != result.plan_id
+    with pytest.raises(EvaluationError, match="evaluated on plan .* cannot be compared"):
+        run_study(store, StudyConfig(plan_id=other.plan_id, finetune_run=result.run_id, n_boot=0, plots=False))
 
 
 @pytest.mark.slow
@@ -333,3 +358,49 @@ def test_fine_tuning_learns_the_label_above_chance(tmp_path_factory):
     assert result.n_images["val"] >= 30 and result.n_images["test"] >= 30
     assert result.state.best_auc >= 0.6
     assert result.test_metrics["abnormal"]["roc_auc"] >= 0.6
+
+
+@pytest.mark.slow
+def test_sweep_selects_on_validation_and_tests_the_chosen_cell_once(synth_small, tmp_path):
+    """A 2-cell grid (one optimizer step each): validation only per cell, one cell tested, rerun trains nothing."""
+    from cxr_embed.finetune.sweep import run_sweep
+
+    cfg = _small_config(synth_small, tmp_path / "sweep", epochs=1, max_steps=1, batch_size=2, accumulate=1,
+                        freeze_stages=3, ema=None)
+    first = run_sweep(cfg, [1e-3, 1e-4], [0.2], progress=False)
+    assert [c.status for c in first.cells] == ["max_steps", "max_steps"] and sum(c.selected for c in first.cells) == 1
+    chosen = first.selected
+    assert first.test is not None and first.test.test_metrics and first.test.run_id == chosen.run_id
+    other = next(c for c in first.cells if not c.selected)
+    assert json.loads((other.out / "result.json").read_text())["test_metrics"] == {}
+    assert not (other.out / "results").exists() and (chosen.out / "results" / "predictions").is_dir()
+    again = run_sweep(cfg, [1e-3, 1e-4], [0.2], progress=False)
+    assert again.test is None and [c.run_id for c in again.cells] == [c.run_id for c in first.cells]
+    assert len(list((chosen.out / "results" / "predictions").glob("*.parquet"))) == 1   # the test rows, once
+    sweep = pq.read_table(tmp_path / "sweep" / "results" / "sweep").to_pylist()
+    assert len(sweep) == 4 and {r["lr"] for r in sweep} == {1e-3, 1e-4}
+
+
+@pytest.mark.parametrize("kind", ["kfold", "holdout"])
+def test_plan_splits_follow_the_stored_plan(tmp_path, kind):
+    """Fine-tuning on a plan trains/tests on the plan's rows: fold k as test (K folds) or the plan's own split."""
+    from cxr_embed.finetune.runner import _plan_splits
+    from cxr_embed.plans import PlanSettings, get_or_make_plan
+    from cxr_embed.store import build_store_from_arrays
+
+    recs = _records(30, 3, official=False)
+    store = build_store_from_arrays(tmp_path / "store", np.eye(len(recs), 4, dtype=np.float32) + 0.1, recs)
+    plan = get_or_make_plan(store, PlanSettings(kind=kind, folds=3, seed=0))
+    cfg = FineTuneConfig(source="unused", out=str(tmp_path / "o"), store=str(store.path), plan=plan.plan_id,
+                         fold=1 if kind == "kfold" else None, val_fraction=0.2)
+    kept, targets, s = _plan_splits(recs, targets_of(recs, "abnormal"), cfg)
+    by_id = dict(zip(plan.image_id, range(len(plan)), strict=True))
+    test_ids = {kept[i].image_id for i in s["test"]}
+    if kind == "kfold":
+        assert test_ids == {i for i in plan.image_id if plan.fold[by_id[i]] == 1}
+    else:
+        assert test_ids == {i for i in plan.image_id if plan.split[by_id[i]] == "test"}
+        assert {kept[i].image_id for i in s["val"]} == {i for i in plan.image_id if plan.split[by_id[i]] == "val"}
+    pats = {k: {kept[i].patient_id for i in v} for k, v in s.items()}
+    assert not pats["train"] & pats["val"] and not pats["train"] & pats["test"] and not pats["val"] & pats["test"]
+    assert sorted(np.concatenate(list(s.values()))) == list(range(len(kept))) and len(targets) == len(kept)

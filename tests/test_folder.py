@@ -10,7 +10,8 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from cxr_embed.errors import ConfigError, CsvFormatError, CxrEmbedError, InputError
-from cxr_embed.records import FINDINGS, read_dataset
+from cxr_embed.readers import read_dataset
+from cxr_embed.records import FINDINGS
 
 
 def put(root: Path, *names: str) -> None:

@@ -16,7 +16,7 @@ from PIL import Image
 
 from cxr_embed.errors import CxrEmbedError, ImageReadError
 from cxr_embed.imageio import minmax_to_uint8, read_image, to_model_mode
-from cxr_embed.records import read_dataset
+from cxr_embed.readers import read_dataset
 from cxr_embed.synth import plan_cases, synthetic_dicom
 
 REFERENCE = Path(__file__).parent / "data" / "reference"

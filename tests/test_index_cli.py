@@ -17,7 +17,7 @@ from cxr_embed_cli.main import app
 from typer.testing import CliRunner
 
 from cxr_embed.model import tiny_model_dir
-from cxr_embed.store import INDEX_DIR, INDEX_FILE, MANIFEST, Store
+from cxr_embed.store import MANIFEST, Store
 
 runner = CliRunner()
 
@@ -83,9 +83,9 @@ def test_store_info_and_validate_report_counts_and_agreement(tiny_store: Store) 
 def test_validate_exits_1_on_a_damaged_index(synthetic_store: Store, tmp_path: Path) -> None:
     dst = tmp_path / "store"
     shutil.copytree(synthetic_store.path, dst)
-    (dst / INDEX_DIR / INDEX_FILE).write_bytes(b"not a faiss index")
+    Store.open(dst).index_path.write_bytes(b"not a faiss index")
     result = runner.invoke(app, ["store", "validate", "--store", str(dst)])
-    assert result.exit_code == 1 and "FAILED" in result.stdout
+    assert result.exit_code == 1 and "FAILED" in result.stderr and "\tfail" in result.stdout
     result = runner.invoke(app, ["store", "info", "--store", str(tmp_path / "nowhere")])
     assert result.exit_code == 1 and "not a cxr-embed store" in result.stderr
 
@@ -95,3 +95,25 @@ def test_index_help_documents_every_option() -> None:
     for option in ("--store", "--dataset", "--model-dir", "--device", "--precision", "--batch-size", "--workers",
                    "--limit", "--shard-size", "--index", "--engine", "--json"):
         assert option in result.stdout
+
+
+def test_index_exits_2_when_some_inputs_failed_and_1_on_an_empty_source(tmp_path: Path) -> None:
+    from PIL import Image
+
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.fromarray(np.full((64, 64), 128, np.uint8)).save(images / "good.png")
+    (images / "broken.png").write_bytes(b"not a png")
+    store = tmp_path / "store"
+    args = ["--store", str(store), "--dataset", "folder", "--device", "cpu", "--workers", "0"]
+    result = runner.invoke(app, ["index", str(images), *args, "--json"], env=_env())
+    assert result.exit_code == 2, result.output
+    summary = json.loads(result.stdout)
+    assert (summary["listed"], summary["embedded"], summary["failed"]) == (2, 1, 1)
+    piped = runner.invoke(app, ["index", str(images), *args], env=_env())  # rerun: the failure is retried
+    assert piped.exit_code == 2 and piped.stdout.splitlines()[0] == "field\tvalue", piped.output
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    result = runner.invoke(app, ["index", str(empty), "--store", str(tmp_path / "s2"), "--device", "cpu"], env=_env())
+    assert result.exit_code == 1 and result.stderr.startswith(f"Error: No images found in {empty}"), result.output
+    assert ".png" in result.stderr and "Traceback" not in result.output

@@ -7,14 +7,42 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+from PIL import Image
 
 from cxr_embed import indexes
 from cxr_embed.errors import ConfigError, StoreLockedError, StoreMismatchError
 from cxr_embed.job import IndexConfig, run_index
-from cxr_embed.records import read_dataset
+from cxr_embed.readers import read_dataset
 from cxr_embed.store import Store, StoreWriter, validate_store
 
 CPU = {"device": "cpu", "batch_size": 4}
+REFERENCE = Path(__file__).parent / "data" / "reference"
+
+
+def todays_preprocessing(path: str) -> torch.Tensor:
+    """The float32 path every store so far was made with (per image, in the worker): kept as the yardstick."""
+    arr = np.asarray(Image.open(path).convert("L").resize((480, 480), Image.Resampling.BICUBIC), dtype=np.uint8)
+    x = torch.from_numpy(np.ascontiguousarray(np.repeat(arr[None], 3, axis=0))).float().div(255)
+    return x.sub_(torch.tensor([0.485, 0.456, 0.406])[:, None, None]).div_(torch.tensor([0.229, 0.224, 0.225])[:, None, None])
+
+
+def test_job_embeddings_are_bitwise_those_of_the_float32_worker_path(synth_cxr14: Path, tiny_model, tmp_path: Path) -> None:
+    """uint8 from the workers + normalisation on the model's device changes no bit of a CPU embedding."""
+    summary = run_index(synth_cxr14, tmp_path / "s", IndexConfig(**CPU, workers=1, limit=8), progress=False,
+                        model=tiny_model)
+    assert summary.embedded == 8
+    paths = [r.path for r in read_dataset(synth_cxr14)[:8]]
+    old = np.concatenate([tiny_model.encode_images(torch.stack([todays_preprocessing(p) for p in paths[i : i + 4]]))
+                          .numpy() for i in range(0, 8, 4)])
+    assert np.array_equal(Store.open(tmp_path / "s").embeddings(), old)
+
+
+def test_device_normalisation_reproduces_the_reference_embeddings_bitwise(tiny_model, reference_batch) -> None:
+    levels = torch.from_numpy(np.load(REFERENCE / "preprocessed_uint8.npz")["levels"])
+    new = tiny_model.encode_images(tiny_model.preprocessor.normalize(levels)).numpy()
+    assert np.array_equal(new, tiny_model.encode_images(reference_batch).numpy())
+    np.testing.assert_allclose(new, np.load(REFERENCE / "image_embeddings.npy"), atol=1e-5, rtol=0)
 
 
 def test_tiny_store_holds_the_models_embeddings_of_every_image(tiny_store: Store, tiny_model, synth_cxr14: Path) -> None:

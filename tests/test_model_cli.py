@@ -48,21 +48,42 @@ def test_encode_reproduces_reference_embeddings(official_layout, tmp_path):
     assert np.abs(emb[4:] - np.load(REF / "text_embeddings.npy")).max() <= 1e-5
 
 
-def test_encode_parquet_raw_and_bad_image_is_skipped(official_layout, tmp_path):
+def test_encode_parquet_keeps_row_alignment_and_exits_2(official_layout, tmp_path):
     bad = tmp_path / "broken.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\n truncated")
     out = tmp_path / "e.parquet"
     result = runner.invoke(app, ["encode", str(bad), "--text", "Pleural effusion", "--raw", "--model-dir",
                                  str(official_layout), "--out", str(out), "--device", "cpu", "--json"])
-    assert result.exit_code == 0, result.output
+    assert result.exit_code == 2, result.output  # partial: the rest written, the failure listed
     assert json.loads(result.stdout)["failed"][0]["path"] == str(bad)
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("Warning: NaN row for")
     table = pq.read_table(out)
-    assert table.column("kind").to_pylist() == ["text"] and table.column("source").to_pylist() == ["Pleural effusion"]
+    assert table.column("kind").to_pylist() == ["image", "text"]
+    assert table.column("source").to_pylist() == [str(bad), "Pleural effusion"]
+    assert table.column("error")[0].as_py() and table.column("error")[1].as_py() is None
     raw = np.asarray(table.column("embedding").to_pylist(), dtype=np.float32)
+    assert np.isnan(raw[0]).all()
     normalised = np.load(REF / "text_embeddings.npy")[1]
-    assert np.abs(raw[0] / np.linalg.norm(raw[0]) - normalised).max() < 1e-5 and np.linalg.norm(raw[0]) != 1.0
+    assert np.abs(raw[1] / np.linalg.norm(raw[1]) - normalised).max() < 1e-5 and np.linalg.norm(raw[1]) != 1.0
     assert table.column("checkpoint_sha256")[0].as_py() == sha256_file(official_layout / "vision_model" /
                                                                      "medimageinsigt-v1.0.0.pt")
+
+
+def test_encode_npy_with_a_failure_is_refused_unless_skip_failed(tmp_path):
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"not an image")
+    good = str(REF / "images" / ACCEPTED[2])
+    out = tmp_path / "e.npy"
+    args = ["encode", good, str(bad), good, "--model-dir", str(tiny_model_dir()), "--out", str(out), "--device", "cpu"]
+    refused = runner.invoke(app, args)
+    assert refused.exit_code == 1 and "row i of a .npy would not be input i" in refused.stderr
+    assert not out.exists()
+    skipped = runner.invoke(app, [*args, "--skip-failed"])
+    assert skipped.exit_code == 2, skipped.output
+    assert np.load(out).shape == (2, 32)
+    assert skipped.stdout.splitlines()[0] == "row\tkind\tsource\terror"  # piped summary: TSV
+    nothing = runner.invoke(app, ["encode", str(bad), "--model-dir", str(tiny_model_dir()), "--out", str(out)])
+    assert nothing.exit_code == 1 and "None of the 1 image(s) could be read" in nothing.stderr
 
 
 def test_encode_refuses_bad_output_suffix_and_empty_input(tmp_path):
@@ -81,6 +102,8 @@ def test_model_info_json(official_layout):
                                   "logit_scale": 1, "total": 2_354_593}
     assert data["checkpoint_sha256"] == sha256_file(official_layout / "vision_model" / "medimageinsigt-v1.0.0.pt")
     assert data["official_weights"] is False and data["device"] == "cpu" and data["embed_dim"] == 32
+    tsv = runner.invoke(app, ["model", "info", "--model-dir", str(official_layout), "--device", "cpu"])
+    assert tsv.stdout.splitlines()[0] == "field\tvalue" and "parameters.total\t2354593" in tsv.stdout
 
 
 def test_missing_model_says_how_to_get_one(tmp_path, monkeypatch):

@@ -22,7 +22,10 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 def _outputs_text(executed: Path) -> str:
     nb = nbformat.read(executed, as_version=4)
     return "\n".join(
-        out.get("text", "") for cell in nb.cells if cell.cell_type == "code" for out in cell.get("outputs", [])
+        out.get("text", "")
+        for cell in nb.cells
+        if cell.cell_type == "code"
+        for out in cell.get("outputs", [])
     )
 
 
@@ -96,7 +99,28 @@ def frozen_only_store(demo_run, tmp_path_factory: pytest.TempPathFactory) -> Pat
     moved = pc.binary_join_element_wise(pa.scalar("/moved-away/"), meta["image_id"], "")
     meta = meta.set_column(meta.schema.get_field_index("path"), "path", moved)
     store = build_store_from_arrays(tmp_path_factory.mktemp("frozen_only") / "store", demo.embeddings(), meta)
-    for table, column, keep in (("predictions", "arm", "frozen"), ("metrics", "arm", "frozen"), ("runs", "kind", "classify")):
+    for table, column, keep in (
+        ("predictions", "arm", "frozen"),
+        ("metrics", "arm", "frozen"),
+        ("runs", "kind", "classify"),
+    ):
         data = demo.read_results(table)
         store.write_results(table, data.filter(pc.equal(data[column], keep)))
     return store.path
+
+
+def test_a_notebook_runs_quietly(synthetic_store, tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    """No kernel log lines ([IPKernelApp] WARNING …) reach the user's terminal; outputs still come back."""
+    nb = nbformat.v4.new_notebook()
+    nb.cells.append(
+        nbformat.v4.new_code_cell(
+            "import os, sys\nprint(os.environ['CXR_EMBED_STORE'])\nprint('e', file=sys.stderr)"
+        )
+    )
+    path = tmp_path / "09_quiet.ipynb"
+    nbformat.write(nb, path)
+    run = run_notebook(path, synthetic_store.path, figures=tmp_path / "fig", out_dir=tmp_path / "out")
+    captured = capfd.readouterr()
+    assert "IPKernelApp" not in captured.err and "WARNING" not in captured.err, captured.err
+    executed = nbformat.read(run.executed_path, as_version=4)
+    assert executed.cells[0].outputs[0]["text"].strip() == str(synthetic_store.path.resolve())

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from cxr_embed.errors import ConfigError, InputError
-from cxr_embed.records import FINDINGS, ImageRecord, ReadFailure, detect_dataset, read_dataset
+from cxr_embed.readers import detect_dataset, read_dataset
+from cxr_embed.records import FINDINGS, ImageRecord, ReadFailure
 
 
 def test_contract_types() -> None:
@@ -17,7 +18,7 @@ def test_contract_types() -> None:
     assert [f.name for f in dataclasses.fields(ImageRecord)] == [
         "image_id", "path", "patient_id", "study", "split", "label", "findings", "sex", "age", "view", "source",
         "stored_path", "modality", "body_part", "photometric", "bits_stored", "rows", "columns",
-        "pixel_spacing_row", "pixel_spacing_col", "manufacturer", "model_name", "frames",
+        "pixel_spacing_row", "pixel_spacing_col", "manufacturer", "model_name", "frames", "frame",
     ]  # fmt: skip
     assert [f.name for f in dataclasses.fields(ReadFailure)] == ["image_id", "path", "stage", "reason"]
 
@@ -53,5 +54,5 @@ def test_bad_arguments(tmp_path: Path) -> None:
         read_dataset(tmp_path / "nowhere")
     with pytest.raises(ConfigError, match="Unknown dataset kind"):
         read_dataset(tmp_path, "nifti")
-    with pytest.raises(ConfigError, match="no option no_such_option; it takes"):
+    with pytest.raises(ConfigError, match="no option --no-such-option .it takes"):
         read_dataset(tmp_path, "folder", no_such_option=1)

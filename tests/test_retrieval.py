@@ -35,14 +35,23 @@ def any_store(request, search_store, hnsw_store):
     return search_store if request.param == "flat" else hnsw_store
 
 
-def test_indexed_image_comes_back_first_with_similarity_one(search_store) -> None:
-    result = retrieval.search_by_ids(search_store, [QUERY], k=5)[0]
+def test_query_image_is_never_its_own_neighbour(any_store) -> None:
+    result = retrieval.search_by_ids(any_store, [QUERY], k=5)[0]
     assert [n.rank for n in result] == [1, 2, 3, 4, 5]
-    assert result[0].image_id == QUERY and result[0].similarity == pytest.approx(1.0, abs=1e-5)
-    assert result.strategy == "exact"
+    assert QUERY not in {n.image_id for n in result} and result.excluded_row is not None
+    assert [n.image_id for n in result] == brute_force(any_store, QUERY, 5, lambda r: r["image_id"] != QUERY)
+    assert result.candidates == 2000 - 1
     # the patient's own follow-ups are the naive neighbours: the reason --exclude-same-patient exists
     assert {n.patient_id for n in result} == {"00000003"}
-    assert result[0].findings == ("infiltration",) and result[0].label == 1
+    assert result[0].findings is not None and result[0].label == 1
+
+
+def test_self_exclusion_under_a_filter_and_in_batches(search_store) -> None:
+    ids = ["00000003_004.png", "00000001_000.png", "00000002_000.png"]
+    for result in retrieval.search_by_ids(search_store, ids, k=3):  # one batch, each drops its own row
+        assert len(result) == 3 and result.query not in {n.image_id for n in result}
+    subset = retrieval.search_by_ids(search_store, [QUERY], k=50, where="patient_id = '00000003'")[0]
+    assert QUERY not in {n.image_id for n in subset} and len(subset) == subset.candidates == 9
 
 
 def test_exclude_same_patient_drops_every_image_of_the_patient(any_store) -> None:
@@ -138,7 +147,27 @@ def test_knn_vote_weighted_plain_and_unknown() -> None:
 
 def test_vote_probability_in_results(search_store) -> None:
     result = retrieval.search_by_ids(search_store, [QUERY], k=10)[0]
-    assert result.probability_abnormal == pytest.approx(1.0)  # all 10 are the abnormal patient's images
+    assert result.probability_abnormal == pytest.approx(1.0)  # all 10 are the abnormal patient's other images
+    expected = retrieval.knn_vote([n.similarity for n in result], [n.label for n in result])
+    assert result.probability_abnormal == expected and QUERY not in {n.image_id for n in result}
+
+
+def test_query_label_never_votes(tmp_path, search_arrays) -> None:
+    """A query whose label differs from all its neighbours: counting itself would move the vote off 0."""
+    from cxr_embed.store import build_store_from_arrays
+
+    emb, rows = search_arrays
+    rows = [dict(r) for r in rows]
+    neighbours = {n.image_id for n in retrieval.search_by_ids(
+        build_store_from_arrays(tmp_path / "a", emb, rows), [QUERY], k=5, exclude_same_patient=True)[0]}
+    for r in rows:
+        if r["image_id"] in neighbours:
+            r["label"] = 0
+        if r["image_id"] == QUERY:
+            r["label"] = 1
+    store = build_store_from_arrays(tmp_path / "b", emb, rows)
+    result = retrieval.search_by_ids(store, [QUERY], k=5, exclude_same_patient=True, vote="plain")[0]
+    assert {n.image_id for n in result} == neighbours and result.probability_abnormal == 0.0
 
 
 @pytest.fixture(scope="module")
@@ -167,11 +196,11 @@ def test_query_with_another_model_is_refused(search_store, tiny_model) -> None:
 
 
 @pytest.mark.slow  # one tiny-model forward
-def test_image_query_finds_the_stored_image_itself(tiny_store, tiny_model) -> None:
-    row = tiny_store.metadata(["image_id", "path", "patient_id"]).to_pylist()[5]
+def test_image_query_of_a_stored_file_skips_its_own_row(tiny_store, tiny_model) -> None:
+    row = tiny_store.metadata(["row_id", "image_id", "path", "patient_id"]).to_pylist()[5]
     result = retrieval.search_by_images(tiny_store, tiny_model, [row["path"]], k=3)[0]
-    assert len(result) == 3 and result.query == row["path"]
-    assert result[0].image_id == row["image_id"] and result[0].similarity == pytest.approx(1.0, abs=1e-4)
+    assert len(result) == 3 and result.query == row["path"] and result.excluded_row == row["row_id"]
+    assert row["image_id"] not in {n.image_id for n in result}
 
 
 def test_patient_of_an_image_query(tiny_store, tiny_model, tmp_path) -> None:
@@ -179,9 +208,10 @@ def test_patient_of_an_image_query(tiny_store, tiny_model, tmp_path) -> None:
 
     from cxr_embed.errors import ConfigError
 
-    row = tiny_store.metadata(["path", "patient_id"]).to_pylist()[0]
+    row = tiny_store.metadata(["row_id", "path", "patient_id"]).to_pylist()[0]
     copy = tmp_path / "new.png"
     shutil.copy(row["path"], copy)
-    assert retrieval.patients_of_paths(tiny_store, [row["path"], copy]) == [row["patient_id"], None]
+    found = retrieval.stored_rows_of_paths(tiny_store, [row["path"], copy])
+    assert found[0] == (row["row_id"], row["patient_id"]) and found[1] is None
     with pytest.raises(ConfigError, match="--patient-id"):  # refused before any embedding work
         retrieval.search_by_images(tiny_store, tiny_model, [copy], exclude_same_patient=True)

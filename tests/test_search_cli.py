@@ -15,22 +15,58 @@ runner = CliRunner()
 
 
 def test_search_by_id_json(search_store) -> None:
-    result = runner.invoke(app, ["search", "--store", str(search_store.path), "--id", "00000003_004.png", "-k", "4",
-                                 "--exclude-same-patient", "--where", "sex = 'M'", "--json"])
+    result = runner.invoke(
+        app,
+        [
+            "search",
+            "--store",
+            str(search_store.path),
+            "--id",
+            "00000003_004.png",
+            "-k",
+            "4",
+            "--exclude-same-patient",
+            "--where",
+            "sex = 'M'",
+            "--json",
+        ],
+    )
     assert result.exit_code == 0, result.output
     doc = json.loads(result.stdout)
     assert [n["rank"] for n in doc["neighbors"]] == [1, 2, 3, 4]
     assert all(n["patient_id"] != "00000003" and n["sex"] == "M" for n in doc["neighbors"])
     assert 0.0 <= doc["probability_abnormal"] <= 1.0 and doc["excluded_patient"] == "00000003"
+    none = runner.invoke(app, ["search", "--store", str(search_store.path), "--id", "00000003_004.png",
+                               "--where", "age > 1000"])  # fmt: skip
+    assert none.exit_code == 0 and none.stdout.startswith("rank\tsimilarity\t"), none.output
 
 
 @pytest.mark.slow  # one tiny-model forward
 def test_search_by_image_table(tiny_store) -> None:
     row = tiny_store.metadata(["image_id", "path"]).to_pylist()[3]
-    result = runner.invoke(app, ["search", "--store", str(tiny_store.path), "--image", row["path"], "-k", "3",
-                                 "--model-dir", str(tiny_model_dir())])
+    result = runner.invoke(
+        app,
+        [
+            "search",
+            "--store",
+            str(tiny_store.path),
+            "--image",
+            row["path"],
+            "-k",
+            "3",
+            "--model-dir",
+            str(tiny_model_dir()),
+            "--device",
+            "cpu",
+            "--precision",
+            "fp32",
+            "--format",
+            "table",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert row["image_id"] in result.stdout and "kNN-vote probability of abnormal:" in result.stdout
+    assert "Warning" not in result.stderr and "warn" not in result.stderr.lower()  # library warnings handled
 
 
 def test_search_errors_are_one_line_messages(search_store, tiny_store) -> None:
@@ -51,14 +87,19 @@ def test_sql_formats_and_out_file(search_store, tmp_path) -> None:
     base = ["sql", "--store", str(search_store.path)]
     query = "SELECT view, count(*) AS n FROM images GROUP BY view ORDER BY view"
     csv = runner.invoke(app, [*base, query, "--format", "csv"])
-    assert csv.exit_code == 0 and csv.stdout.splitlines()[:2] == ['"view","n"', '"AP",992'], csv.output
+    assert csv.exit_code == 0 and csv.stdout.splitlines()[:2] == ["view,n", "AP,992"], csv.output
+    piped = runner.invoke(app, [*base, query])  # stdout is not a terminal: TSV with a header
+    assert piped.stdout.splitlines() == ["view\tn", "AP\t992", "LL\t20", "PA\t988"], piped.output
     as_json = runner.invoke(app, [*base, query, "--json"])
     assert json.loads(as_json.stdout)[-1] == {"view": "PA", "n": 988}
     table = runner.invoke(app, [*base, "SELECT * FROM neighbors('00000003_004.png', 2)"])
-    assert table.exit_code == 0 and "00000003_004.png" in table.stdout
+    assert table.exit_code == 0 and "00000003_" in table.stdout and "00000003_004.png" not in table.stdout
     out = tmp_path / "views.parquet"
     written = runner.invoke(app, [*base, query, "--out", str(out)])
-    assert written.exit_code == 0 and pq.read_table(out).to_pydict() == {"view": ["AP", "LL", "PA"], "n": [992, 20, 988]}
+    assert written.exit_code == 0 and pq.read_table(out).to_pydict() == {
+        "view": ["AP", "LL", "PA"],
+        "n": [992, 20, 988],
+    }
 
 
 def test_sql_refusals_and_malformed_queries(search_store, tmp_path) -> None:
@@ -70,7 +111,9 @@ def test_sql_refusals_and_malformed_queries(search_store, tmp_path) -> None:
         ("SELECT FROM WHERE", "Parser Error"),
     ]:
         result = runner.invoke(app, [*base, query])
-        assert result.exit_code == 1 and result.stderr.startswith("Error:") and message in result.stderr, result.output
+        assert result.exit_code == 1 and result.stderr.startswith("Error:") and message in result.stderr, (
+            result.output
+        )
         assert "Traceback" not in result.output
     assert not (tmp_path / "x.csv").exists() and not (tmp_path / "x.duckdb").exists()
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -13,7 +14,6 @@ from pathlib import Path
 import faiss
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 from conftest import make_synthetic_store_arrays
 
@@ -21,9 +21,6 @@ from cxr_embed import indexes
 from cxr_embed.errors import StoreError, StoreLockedError, StoreMismatchError
 from cxr_embed.records import FINDINGS, ReadFailure
 from cxr_embed.store import (
-    ERRORS_FILE,
-    INDEX_DIR,
-    INDEX_FILE,
     MANIFEST,
     Store,
     StoreWriter,
@@ -72,11 +69,20 @@ def test_index_ids_are_row_ids_and_search_works(synthetic_store: Store) -> None:
     np.testing.assert_allclose(scores[:, 0], 1.0, atol=1e-5)
 
 
+def _replace_index(store_path: Path, index: faiss.Index) -> None:
+    """Swap the committed index file for ``index`` and record its checksum, as a buggy writer would."""
+    manifest = json.loads((store_path / MANIFEST).read_text())
+    data = indexes.index_to_bytes(index)
+    (store_path / manifest["index"]["file"]).write_bytes(data)
+    manifest["index"].update(bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
+    (store_path / MANIFEST).write_text(json.dumps(manifest))
+
+
 def test_open_refuses_an_index_whose_ids_disagree_with_parquet(store_copy: Path) -> None:
     emb = Store.open(store_copy).embeddings()
     index, _ = indexes.build_index(emb, np.arange(600)[::-1].copy(), "flat", use_gpu=False)
-    faiss.write_index(index, str(store_copy / INDEX_DIR / INDEX_FILE))
-    with pytest.raises(StoreError, match="FAISS ids do not match the Parquet row_ids"):
+    _replace_index(store_copy, index)
+    with pytest.raises(StoreError, match="ids are not the row_ids"):
         Store.open(store_copy)
     assert not validate_store(store_copy).ok
 
@@ -216,18 +222,16 @@ def test_every_index_kind_round_trips_and_validates(tmp_path: Path) -> None:
 
 def test_validate_catches_index_vectors_that_differ_from_parquet(store_copy: Path) -> None:
     index, _ = indexes.build_index(np.random.default_rng(0).normal(size=(600, 64)), np.arange(600), "flat", use_gpu=False)
-    faiss.write_index(index, str(store_copy / INDEX_DIR / INDEX_FILE))
+    _replace_index(store_copy, index)
     Store.open(store_copy)  # ids agree, so open (cheap checks) passes ...
     failed = [c.name for c in validate_store(store_copy).checks if c.status == "fail"]
     assert failed == ["index vectors == Parquet"]  # ... but validate compares the vectors
 
 
 def test_info_summarises_counts_and_errors(store_copy: Path) -> None:
-    pq.write_table(
-        pa.table({"image_id": ["zz"], "path": ["/zz.png"], "stage": ["decode"], "reason": ["bad"],
-                  "run_at": pa.array([datetime.now(timezone.utc)], pa.timestamp("us", tz="UTC"))}),
-        store_copy / ERRORS_FILE,
-    )
+    with StoreWriter(store_copy, dim=64, **IDENTITY) as w:
+        w.record_failures([ReadFailure("zz", "/zz.png", "decode", "bad")])
+        w.finalize()
     info = store_info(store_copy)
     assert (info.rows, info.patients, info.dim, info.shards) == (600, 120, 64, 2)
     assert info.labels == {"0": 323, "1": 277} and info.splits == {"train": 480, "test": 120}

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from cxr_embed.errors import ConfigError
 from cxr_embed.imageio import read_image
-from cxr_embed.records import read_dataset
+from cxr_embed.readers import read_dataset
 from cxr_embed.synth import generate, plan_cases, render_case
 
 

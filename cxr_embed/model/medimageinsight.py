@@ -162,12 +162,17 @@ class MedImageInsight:
             feats = self.module.image_encoder.forward_features(batch.to(self.device))
         return feats.float().cpu()
 
-    def encode_images(self, batch: torch.Tensor, normalize: bool = True) -> torch.Tensor:
-        """(B, 3, H, W) preprocessed -> (B, D) embeddings, L2-normalised unless ``normalize=False``."""
+    def encode_images(self, batch: torch.Tensor, normalize: bool = True, *, keep_on_device: bool = False) -> torch.Tensor:
+        """(B, 3, H, W) preprocessed -> (B, D) embeddings, L2-normalised unless ``normalize=False``.
+
+        ``keep_on_device=True`` skips the synchronous copy to CPU, so a pipeline can copy asynchronously
+        while the next batch runs (the index job's background writer).
+        """
         with self._inference():
             emb = self.module.encode_image(batch.to(self.device), normalize=False)
         emb = emb.float()
-        return (l2_normalize(emb) if normalize else emb).cpu()
+        emb = l2_normalize(emb) if normalize else emb
+        return emb if keep_on_device else emb.cpu()
 
     def encode_texts(self, texts: Sequence[str], normalize: bool = True) -> torch.Tensor:
         """Texts -> (T, D) embeddings (CLIP tokenisation, 77 tokens, truncated with EOS kept)."""

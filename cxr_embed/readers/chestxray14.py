@@ -23,7 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from cxr_embed.errors import ConfigError, CsvFormatError, InputError
-from cxr_embed.records import FINDINGS, FailureSink, ImageRecord, ReadFailure
+from cxr_embed.readers.walk import display_name, utf8_name
+from cxr_embed.records import FINDINGS, FailureSink, ImageRecord, ReadFailure, parse_age, parse_sex
 
 DATA_ENTRY_NAMES = ("Data_Entry_2017_v2020.csv", "Data_Entry_2017.csv")
 SPLIT_FILES = {"train": "train_val_list.txt", "test": "test_list.txt"}
@@ -284,21 +285,6 @@ def _int_or_none(values: list[str], index: int | None, name: str) -> int | None:
         raise ValueError(f"{name} {values[index]!r} is not an integer") from None
 
 
-def parse_sex(text: str) -> str | None:
-    text = text.upper()
-    return text if text in ("M", "F") else None
-
-
-def parse_age(text: str) -> float | None:
-    """Ages appear as ``58`` (v2020) or ``058Y`` / ``006M`` (early releases)."""
-    if not text:
-        return None
-    match = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([YMWD]?)", text.upper())
-    if match is None:
-        raise ValueError(f"Patient Age {text!r} is not a number")
-    return float(match.group(1)) / {"": 1, "Y": 1, "M": 12, "W": 52.1775, "D": 365.25}[match.group(2)]
-
-
 def read_split_lists(root: Path) -> dict[str, str]:
     """image_id -> "train"/"test" from the official lists in ``root`` (empty when absent).
 
@@ -348,7 +334,13 @@ def index_images(root: Path, sink: FailureSink) -> dict[str, Path]:
             continue
         folder = folder.resolve()  # once per folder, not per file: 112k resolve() calls add seconds
         for entry in sorted(os.scandir(folder), key=lambda e: e.name):
-            if not entry.name.lower().endswith(IMAGE_SUFFIXES) or not entry.is_file():
+            if not entry.name.lower().endswith(IMAGE_SUFFIXES) or entry.is_dir():
+                continue
+            problem = _odd_entry(entry)
+            if problem is not None:  # recorded, never opened: a FIFO would block, a bad name breaks Parquet
+                name = display_name(entry.path)
+                sink.report(ReadFailure(display_name(entry.name), name, *problem),
+                            InputError(f"{name}: {problem[1]}.", name))  # fmt: skip
                 continue
             if entry.name in found:
                 sink.report(
@@ -360,6 +352,15 @@ def index_images(root: Path, sink: FailureSink) -> dict[str, Path]:
                 continue
             found[entry.name] = Path(entry.path)
     return found
+
+
+def _odd_entry(entry: os.DirEntry) -> tuple[str, str] | None:
+    """(stage, reason) for an entry that must not be read as an image, else None."""
+    if not utf8_name(entry.name):
+        return "file_name", "file name is not valid UTF-8; rename the file to index it"
+    if not entry.is_file():
+        return "special_file", "not a regular file (FIFO, socket, device or broken link): never opened"
+    return None
 
 
 def write_data_entry(path: Path, rows: Iterable[dict[str, Any]]) -> None:

@@ -16,14 +16,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cxr_embed.errors import ConfigError, CsvFormatError, InputError
-from cxr_embed.readers.chestxray14 import parse_age, parse_finding_labels, parse_sex, read_text
-from cxr_embed.records import FailureSink, ImageRecord, ReadFailure, iter_files
+from cxr_embed.readers.chestxray14 import parse_finding_labels, read_text
+from cxr_embed.readers.walk import display_name, utf8_name, walk
+from cxr_embed.records import FailureSink, ImageRecord, ReadFailure, parse_age, parse_label, parse_sex
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif", ".webp", ".dcm", ".dicom")
 LABEL_CSV = "labels.csv"
 PATH_COLUMNS = ("path", "file", "filename", "file_name", "image", "Image Index", "image_id")
-NORMAL_NAMES = {"0", "normal", "negative", "no finding", "no_finding", "nofinding", "false", "no"}
-ABNORMAL_NAMES = {"1", "abnormal", "positive", "finding", "true", "yes"}
 
 
 @dataclass(frozen=True)
@@ -54,20 +53,37 @@ def read(
     patient_column: str | None = None,
     study_column: str | None = None,
     split_column: str | None = None,
+    follow_symlinks: bool = False,
 ) -> list[ImageRecord]:
     """Records for the images under ``root`` (sorted by path), labelled from a CSV or sub-folders.
 
     ``labels``: CSV path (default ``root/labels.csv`` when present). Column options default to the
     usual names when the CSV has them: path/file/filename/image/Image Index, image_id, label,
     finding_labels (ChestX-ray14 style, gives findings and the label), patient_id, study, split,
-    sex, age, view. Listed-but-missing and present-but-unlisted images are reported.
+    sex, age, view. Listed-but-missing and present-but-unlisted images are reported, so are repeated
+    CSV rows (stage "duplicate"), entries the walk does not read (symlinks out of the folder unless
+    ``follow_symlinks``, FIFOs, devices: see :mod:`cxr_embed.readers.walk`) and file names that are
+    not valid UTF-8 (stage "file_name": the store's text columns cannot hold them).
     """
     sink = FailureSink(errors)
     if root.is_file():
         raise ConfigError(f"{root} is a file; the folder reader takes a folder of images.")
-    images = {
-        p.relative_to(root).as_posix(): p for p in iter_files(root) if p.suffix.lower() in IMAGE_SUFFIXES
-    }
+    found = walk(root, follow_symlinks=follow_symlinks)
+    for skipped in found.skipped:
+        name = display_name(skipped.path.relative_to(root))
+        sink.report(ReadFailure(name, display_name(skipped.path), skipped.stage, skipped.reason),
+                    InputError(f"{display_name(skipped.path)}: {skipped.reason}.", display_name(skipped.path)))  # fmt: skip
+    images = {}
+    for p in found.files:
+        if p.suffix.lower() not in IMAGE_SUFFIXES:
+            continue
+        if not utf8_name(p):
+            name = display_name(p)
+            reason = "file name is not valid UTF-8; rename the file (e.g. with convmv) to index it"
+            sink.report(ReadFailure(display_name(p.relative_to(root)), name, "file_name", reason),
+                        InputError(f"{name}: {reason}.", name))  # fmt: skip
+            continue
+        images[p.relative_to(root).as_posix()] = p
     csv_path = (
         Path(labels) if labels is not None else (root / LABEL_CSV if (root / LABEL_CSV).is_file() else None)
     )
@@ -79,11 +95,19 @@ def read(
         findings=findings_column, patient=patient_column, study=study_column, split=split_column,
     )  # fmt: skip
     records = []
-    listed: set[str] = set()
+    listed: dict[str, int] = {}  # relative path -> first CSV line listing it
     for line_no, row in table:
         rel = Path(row[columns.path].strip()).as_posix()
-        listed.add(rel)
         image_id = row[columns.image_id].strip() if columns.image_id else rel
+        if rel in listed:
+            sink.report(
+                ReadFailure(image_id, str(root / rel), "duplicate",
+                            f"{csv_path.name} line {line_no} lists the same image as line {listed[rel]}, which is used"),
+                CsvFormatError(f"{csv_path} line {line_no} repeats {rel} (first on line {listed[rel]}). Remove one.",
+                               str(csv_path)),
+            )  # fmt: skip
+            continue
+        listed[rel] = line_no
         path = images.get(rel)
         if path is None:
             sink.report(
@@ -102,7 +126,7 @@ def read(
                     f"{csv_path} line {line_no} ({rel}): {exc}. Fix or remove that row.", str(csv_path)
                 ),
             )
-    for rel in sorted(set(images) - listed):
+    for rel in sorted(set(images) - set(listed)):
         sink.report(
             ReadFailure(
                 rel, str(images[rel]), "unlisted", f"image on disk but not listed in {csv_path.name}"
@@ -204,13 +228,3 @@ def record_from_row(
         view=get(c.view).upper() or None,
         source=source,
     )
-
-
-def parse_label(text: str) -> int | None:
-    """Label text to 0/1: abnormal, 1, positive -> 1; normal, 0, No Finding -> 0; else ValueError."""
-    value = text.strip().lower()
-    if value in NORMAL_NAMES:
-        return 0
-    if value in ABNORMAL_NAMES:
-        return 1
-    raise ValueError(f"label {text!r} is neither normal (0) nor abnormal (1)")
