@@ -8,13 +8,18 @@ from typing import Annotated
 import typer
 from cxr_embed_cli.output import (
     DeviceOpt,
+    FormatOpt,
     JsonOpt,
     ModelDirOpt,
+    OutOpt,
     PrecisionOpt,
+    StoreOpt,
+    WideOpt,
     emit_json,
+    emit_rows,
     handle_errors,
     info,
-    print_table,
+    resolve_output,
 )
 
 KeysFileOpt = Annotated[Path, typer.Option("--keys", help="API key file (salted hashes only, mode 0600).")]
@@ -28,9 +33,7 @@ serve_app.add_typer(keys_app, name="keys")
 @handle_errors
 def serve(
     ctx: typer.Context,
-    store: Annotated[
-        Path | None, typer.Option("--store", "-s", help="Store directory to serve.", envvar="CXR_EMBED_STORE")
-    ] = None,
+    store: StoreOpt = "",  # optional here: `serve keys …` runs this callback without a store
     host: Annotated[
         str, typer.Option("--host", help="Address to bind; anything but loopback needs --keys.")
     ] = "127.0.0.1",
@@ -44,6 +47,12 @@ def serve(
             "without one the probability is the neighbours' kNN vote.",
         ),
     ] = None,
+    run_id: Annotated[
+        str | None,
+        typer.Option(
+            "--run", help="Classify run whose --classifier file to serve (default: the latest run)."
+        ),
+    ] = None,
     workers: Annotated[
         int, typer.Option("--workers", min=1, help="Server processes (each loads the model).")
     ] = 1,
@@ -53,6 +62,14 @@ def serve(
         Path | None, typer.Option("--keys", help="API key file; every /v1 call then needs a Bearer key.")
     ] = None,
     model_dir: ModelDirOpt = None,
+    key_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--key-file",
+            help="The de-identification key the store was indexed with (default: $CXR_EMBED_ID_SALT, then "
+            "the user's key file): DICOM uploads get the store's pseudonyms, so their own patient is excluded.",
+        ),
+    ] = None,
     link_file: Annotated[
         Path | None, typer.Option("--link-file", help="CSV/Parquet image_id,path: thumbnails on the page.")
     ] = None,
@@ -97,13 +114,16 @@ def serve(
     from cxr_embed.errors import ConfigError
     from cxr_embed.serve.config import ServeConfig
     from cxr_embed.serve.server import run
+    from cxr_embed.store import local_store_path
 
-    if store is None:
+    if not store:
         raise ConfigError("Give the store to serve: cxr-embed serve --store DIR")
     config = ServeConfig(
-        store=store,
+        store=local_store_path(store),
         model_dir=model_dir,
         classifier=classifier,
+        classifier_run=run_id,
+        key_file=key_file,
         host=host,
         port=port,
         workers=workers,
@@ -146,10 +166,17 @@ def keys_add(
 
 @keys_app.command("list")
 @handle_errors
-def keys_list(keys: KeysFileOpt, as_json: JsonOpt = False) -> None:
+def keys_list(
+    keys: KeysFileOpt,
+    fmt: FormatOpt = None,
+    out: OutOpt = None,
+    wide: WideOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
     """The keys in the file (ids, labels, dates; never secrets)."""
     from cxr_embed.serve.keys import read_keys
 
+    spec = resolve_output(fmt, out, as_json=as_json, wide=wide)
     rows = [
         {
             "id": k.id,
@@ -160,11 +187,8 @@ def keys_list(keys: KeysFileOpt, as_json: JsonOpt = False) -> None:
         }
         for k in read_keys(keys)
     ]
-    if as_json:
-        emit_json(rows)
-        return
-    print_table(
-        rows, title=f"API keys in {keys}", columns=("id", "label", "status", "created_at", "revoked_at")
+    emit_rows(
+        rows, spec, columns=("id", "label", "status", "created_at", "revoked_at"), title=f"API keys in {keys}"
     )
 
 

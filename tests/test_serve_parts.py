@@ -6,11 +6,15 @@ import asyncio
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import pytest
-from pydicom.dataset import Dataset
+from serve_helpers import make_dicom_bytes
 
+from cxr_embed.readers.deid import IdKey
 from cxr_embed.serve.batching import BatchConfig, MicroBatcher
-from cxr_embed.serve.scope import decode_upload, dicom_scope, sniff_kind
+from cxr_embed.serve.scope import decode_upload, sniff_kind
+
+KEY = IdKey(b"serve-parts-test-key-32-bytes!!!", "test")  # already stretched: no scrypt in unit tests
 
 
 def test_micro_batcher_groups_concurrent_requests() -> None:
@@ -51,44 +55,52 @@ def test_micro_batcher_delivers_errors_to_every_caller() -> None:
     assert all(isinstance(r, ValueError) for r in asyncio.run(main()))
 
 
-def _ds(**tags: object) -> Dataset:
-    ds = Dataset()
-    ds.Modality = "DX"
-    for k, v in tags.items():
-        setattr(ds, k, v)
-    return ds
-
-
 @pytest.mark.parametrize(
     ("tags", "expected"),
     [
         ({}, None),
-        ({"BodyPartExamined": "CHEST"}, None),
-        ({"Modality": "CR"}, None),
-        ({"Modality": "CT"}, "Modality CT"),
-        ({"Modality": "Jane Doe's"}, "Modality unrecognised"),
-        ({"BodyPartExamined": "SKULL"}, "Body Part"),
-        ({"BurnedInAnnotation": "YES"}, "burned-in"),
+        ({"body_part": None}, None),
+        ({"modality": "DX"}, None),
+        ({"modality": "CT"}, "Modality CT"),
+        ({"modality": "Jane Doe's"}, "Modality (not a code string)"),
+        ({"body_part": "SKULL"}, "BodyPartExamined SKULL"),
+        ({"BurnedInAnnotation": "YES"}, "BurnedInAnnotation"),
         ({"NumberOfFrames": 3}, "multi-frame"),
     ],
 )
-@pytest.mark.filterwarnings("ignore:Invalid value for VR CS")  # the point of the unrecognised case
-def test_dicom_scope_rules(tags: dict, expected: str | None) -> None:
-    reason = dicom_scope(_ds(**tags))
-    assert (
-        (reason is None)
-        if expected is None
-        else (expected in reason.detail and reason.code == "out-of-scope")
-    )
+@pytest.mark.filterwarnings("ignore:Invalid value for VR CS")  # the point of the free-text case
+def test_dicom_scope_is_the_readers_rule(tags: dict, expected: str | None) -> None:
+    """Uploads are judged by readers.dicom.out_of_scope (what `index` applies), never echoing free text."""
+    dec = decode_upload(make_dicom_bytes(np.full((8, 8), 90), **tags), None, max_pixels=10**6, key=KEY)
+    if expected is None:
+        assert dec.abstention is None and dec.image is not None and dec.image.size == (8, 8)
+    else:
+        assert dec.image is None and dec.abstention.code == "out-of-scope"
+        assert expected in dec.abstention.detail and "Jane" not in dec.abstention.detail
+
+
+def test_upload_pseudonyms_are_the_ones_index_stores(tmp_path) -> None:
+    """Same key -> an uploaded DICOM's patient and query id equal what the DICOM reader puts in the store,
+    so excluding the query's own patient matches the store's rows."""
+    from cxr_embed.readers.dicom_headers import read_header
+
+    data = make_dicom_bytes(np.full((8, 8), 90))
+    (tmp_path / "a.dcm").write_bytes(data)
+    stored = read_header(str(tmp_path / "a.dcm"), KEY)
+    dec = decode_upload(data, "application/dicom", max_pixels=10**6, key=KEY)
+    assert dec.patient == stored.patient == KEY.patient("CANARY-PID-4242")
+    assert dec.query_id == stored.uid and dec.query_id.startswith("2.25.")
+    other = decode_upload(data, None, max_pixels=10**6, key=IdKey(b"another-key-of-32-bytes-exactly!", "t"))
+    assert other.patient != dec.patient
 
 
 def test_decoding_never_raises_and_sniffs_magic_bytes() -> None:
     assert sniff_kind(b"\x89PNG\r\n\x1a\n....", "application/dicom") == "png"
     assert sniff_kind(b"x" * 128 + b"DICM", None) == "dicom"
     for junk in (b"", b"\xff\xd8\xff broken jpeg", b"\x89PNG\r\n\x1a\n broken", b"random"):
-        dec = decode_upload(junk, "image/png", max_pixels=10**6, key=b"k")
+        dec = decode_upload(junk, "image/png", max_pixels=10**6, key=KEY)
         assert dec.image is None and dec.abstention.code == "undecodable"
-    bare = decode_upload(b"\x00" * 300, "application/dicom", max_pixels=10**6, key=b"k")
+    bare = decode_upload(b"\x00" * 300, "application/dicom", max_pixels=10**6, key=KEY)
     assert bare.kind == "dicom" and bare.abstention is not None
 
 

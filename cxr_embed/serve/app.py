@@ -26,7 +26,7 @@ from cxr_embed.serve.config import ServeConfig, batch_size_for
 from cxr_embed.serve.engine import Engine, ImageAnswer, ImageQuery
 from cxr_embed.serve.keys import KeyRing
 from cxr_embed.serve.metrics import make_metrics
-from cxr_embed.serve.scope import id_key
+from cxr_embed.serve.scope import store_key
 from cxr_embed.serve.service import Service, neighbor_json, note_inputs, triage_uploads
 from cxr_embed.serve.uploads import Upload, read_body, read_uploads
 
@@ -85,10 +85,10 @@ def create_app(config: ServeConfig, *, engine: Engine | None = None) -> FastAPI:
         config,
         engine,
         batcher,
-        AuditLog(engine.store.path),
+        AuditLog(engine.store),
         metrics,
         KeyRing(config.keys) if config.keys is not None else None,
-        id_key(),
+        store_key(engine.store, config.key_file),
     )
 
     @contextlib.asynccontextmanager

@@ -1,9 +1,10 @@
 """The audit trail of ``cxr-embed serve``: one row per API call in the store's ``audit`` table.
 
-Rows go to ``<store>/results/audit/part-*.parquet``, each part written atomically (temp + fsync +
-rename, :func:`cxr_embed.atomicio.write_parquet_atomic`) and never rewritten, so the table is
-append-only; ``Store.connect`` exposes it to ``cxr-embed sql`` as the view ``audit``. This is the
-only thing the server writes into a store.
+Rows go to ``<store>/results/audit/part-*.parquet`` through :meth:`Store.write_results`: each part is
+written atomically, then recorded with its sha256 in ``store.json`` under the store's short manifest
+lock (so ``store validate`` checks it and a damaged part is reported, not read), and never
+rewritten: the table is append-only. ``Store.connect`` exposes it to ``cxr-embed sql`` as the view
+``audit``. This is the only thing the server writes into a store.
 
 What a row holds (:data:`cxr_embed.schema.AUDIT_SCHEMA`): time, key id, endpoint,
 HTTP status, input kind / count / bytes, model id and checkpoint checksum, classifier name, run and
@@ -20,16 +21,16 @@ from __future__ import annotations
 
 import json
 import threading
-import time
-import uuid
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pyarrow as pa
 
-from cxr_embed.atomicio import write_parquet_atomic
 from cxr_embed.schema import AUDIT_SCHEMA
+
+if TYPE_CHECKING:
+    from cxr_embed.store import Store
 
 AUDIT_TABLE = "audit"
 
@@ -65,8 +66,8 @@ class AuditRecord:
 class AuditLog:
     """Thread-safe buffer of :class:`AuditRecord` flushed into the store's audit table."""
 
-    def __init__(self, store_path: Path, flush_rows: int = 256):
-        self.store_path = Path(store_path)
+    def __init__(self, store: Store, flush_rows: int = 256):
+        self.store = store
         self.flush_rows = flush_rows
         self._pending: list[AuditRecord] = []
         self._lock = threading.Lock()
@@ -80,16 +81,13 @@ class AuditLog:
             return len(self._pending) >= self.flush_rows
 
     def flush(self) -> int:
-        """Write every queued row as one new part; returns how many were written."""
-        from cxr_embed.store import RESULTS_DIR
-
+        """Write every queued row as one new recorded part; returns how many were written."""
         with self._write_lock:
             with self._lock:
                 rows, self._pending = self._pending, []
             if not rows:
                 return 0
             table = pa.Table.from_pylist([r.row() for r in rows], schema=AUDIT_SCHEMA)
-            name = f"part-{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.parquet"  # sorts by time, like results
-            write_parquet_atomic(table, self.store_path / RESULTS_DIR / AUDIT_TABLE / name)
+            self.store.write_results(AUDIT_TABLE, table)
             self.written += len(rows)
             return len(rows)

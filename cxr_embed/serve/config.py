@@ -22,6 +22,8 @@ class ServeConfig:
     store: Path
     model_dir: Path | None = None
     classifier: str | None = None
+    classifier_run: str | None = None  # None: the latest classify run's file
+    key_file: Path | None = None  # the de-identification key (None: readers.deid.load_key's default)
     host: str = "127.0.0.1"
     port: int = 8000
     workers: int = 1

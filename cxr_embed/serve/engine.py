@@ -34,7 +34,7 @@ from cxr_embed.errors import StoreError
 from cxr_embed.records import FINDINGS
 from cxr_embed.serve import seams
 from cxr_embed.serve.config import ServeConfig
-from cxr_embed.store import MANIFEST, Store
+from cxr_embed.store import MANIFEST, Store, read_manifest
 
 if TYPE_CHECKING:
     import torch
@@ -179,6 +179,15 @@ def _hit(rank: int, row: dict, similarity: float) -> Hit:
     return Hit(rank, row["image_id"], row["patient_id"], similarity, row["label"], findings, row["view"])
 
 
+def _rows_changed(store: Store) -> bool:
+    """Whether ``store.json`` on disk names other rows or another index than ``store`` was opened with."""
+    try:
+        disk = read_manifest(store.path)
+    except StoreError:
+        return True
+    return any(disk.get(k) != store.manifest.get(k) for k in ("updated_at", "shards", "index"))
+
+
 def _stamp(path: os.PathLike) -> tuple[int, int, int] | None:
     try:
         st = os.stat(path)
@@ -200,7 +209,11 @@ class Engine:
             )
         store.check_compatible(model.model_id, model.checkpoint_sha256, model.preprocessor.fingerprint())
         self.model = model
-        self.classifier = seams.load_classifier(store, config.classifier) if config.classifier else None
+        self.classifier = (
+            seams.load_classifier(store, config.classifier, config.classifier_run)
+            if config.classifier
+            else None
+        )
         self.view = StoreView(store, config.ood_percentile, config.ood_sample)
         self._checked = time.monotonic()
         self._lock = threading.Lock()
@@ -232,6 +245,9 @@ class Engine:
     def _maybe_reload(self) -> None:
         stamp = _stamp(self.view.store.path / MANIFEST)
         if stamp == self._stamp:
+            return
+        if not _rows_changed(self.view.store):  # only result parts were added (the audit, a classify run)
+            self._stamp = stamp
             return
         try:
             fresh = Store.open(self.view.store.path)

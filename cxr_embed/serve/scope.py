@@ -1,35 +1,41 @@
 """Uploaded bytes -> a model-ready image, or a reason to abstain; nothing identifying survives.
 
-What is in scope is a single-frame chest radiograph. For DICOM that is decided from the header
-(:func:`dicom_scope`): Modality CR, DX, RG or CX; Body Part Examined CHEST or absent; no burned-in
-annotation (pixels that may carry a name); one frame. PNG/JPEG carry no such facts, so they are
-taken as chest radiographs and only the store-distance check (see :mod:`cxr_embed.serve.engine`)
-can reject them.
+What is in scope is a single-frame chest radiograph. For DICOM that is decided from the header by
+the DICOM reader's own rule (:func:`cxr_embed.readers.dicom.out_of_scope` with its defaults:
+Modality CR, DX, RG or CX; Body Part Examined CHEST or absent; no burned-in annotation; one
+frame), so ``index`` and ``serve`` accept exactly the same objects. PNG/JPEG carry no such facts,
+so they are taken as chest radiographs and only the store-distance check (see
+:mod:`cxr_embed.serve.engine`) can reject them.
 
-Privacy: of a DICOM header only the scope fields above are read, plus Patient ID, which becomes the
-same salted pseudonym the index uses (so the query's own patient can be excluded from its
-neighbours), and SOP Instance UID, which becomes an HMAC ``query_id`` a client may correlate. No
-raw header value is returned, logged or kept; reasons quote only DICOM code strings (Modality) and
-never the text of an exception raised while parsing the file, which could echo header bytes.
+Privacy: the header is de-identified by :func:`cxr_embed.readers.dicom_headers.dataset_entry`
+under the store's de-identification key (:func:`cxr_embed.readers.deid.load_key`), so Patient ID
+becomes the pseudonym the store holds (the query's own patient can be excluded from its
+neighbours) and SOP Instance UID the ``2.25.…`` image id the index would give it (``query_id``).
+No raw header value is returned, logged or kept; reasons quote only DICOM code strings and never
+the text of an exception raised while parsing the file, which could echo header bytes.
 """
 
 from __future__ import annotations
 
 import io
-import os
-import re
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from PIL import Image
 
-from cxr_embed.imageio import to_model_mode
-from cxr_embed.readers.dicom import DEFAULT_SALT, PIXEL_TAGS, SALT_ENV, dataset_to_image, pseudonym
+from cxr_embed.errors import StoreIdentityError
+from cxr_embed.imageio import dataset_to_image, to_model_mode
+from cxr_embed.listing import IDENTITY_KEY
+from cxr_embed.readers.deid import IdKey, load_key
+from cxr_embed.readers.dicom import out_of_scope
+from cxr_embed.readers.dicom_headers import dataset_entry
 
-CHEST_MODALITIES = ("CR", "DX", "RG", "CX")
+if TYPE_CHECKING:
+    from cxr_embed.store import Store
+
 DICOM_TYPES = ("application/dicom", "application/dicom+octet-stream")
 IMAGE_TYPES = ("image/png", "image/jpeg", "image/jpg")
-_CODE_STRING = re.compile(r"[A-Z0-9_ ]{1,16}")
 
 
 @dataclass(frozen=True)
@@ -48,16 +54,19 @@ class DecodedUpload:
     size: int  # bytes received
     image: Image.Image | None
     abstention: Abstention | None = None
-    patient: str | None = None  # store-compatible pseudonym of Patient ID
-    query_id: str | None = None  # HMAC of SOP Instance UID
+    patient: str | None = None  # the store's pseudonym of Patient ID
+    query_id: str | None = None  # the pseudonymous image id (2.25.…) of SOP Instance UID
 
 
-def id_key() -> bytes:
-    """The pseudonymisation secret: the index's salt, so a patient hashes to the id it has in the store.
-
-    Seam: the DICOM de-identification issue owns this salt; switch to its accessor at merge.
-    """
-    return os.environ.get(SALT_ENV, DEFAULT_SALT).encode()
+def store_key(store: Store, key_file: str | Path | None = None) -> IdKey:
+    """The de-identification key (``--key-file``, $CXR_EMBED_ID_SALT or the user's key file), refused
+    when the store was indexed with another: an upload's patient would then never match the store's
+    pseudonym, and "exclude the query's own patient" would silently exclude nobody."""
+    key = load_key(key_file)
+    recorded = (store.manifest.get("identity") or {}).get(IDENTITY_KEY)
+    if recorded and recorded != key.fingerprint:
+        raise StoreIdentityError.for_key(store.path, recorded, key.fingerprint)
+    return key
 
 
 def sniff_kind(data: bytes, content_type: str | None) -> str:
@@ -74,7 +83,7 @@ def sniff_kind(data: bytes, content_type: str | None) -> str:
     return "unknown"
 
 
-def decode_upload(data: bytes, content_type: str | None, *, max_pixels: int, key: bytes) -> DecodedUpload:
+def decode_upload(data: bytes, content_type: str | None, *, max_pixels: int, key: IdKey) -> DecodedUpload:
     """Decode one upload; every failure is an :class:`Abstention`, never an exception."""
     kind = sniff_kind(data, content_type)
     if kind == "dicom":
@@ -108,37 +117,8 @@ def _too_large(pixels: int, limit: int) -> Abstention:
     return Abstention("too-large", f"{pixels} pixels exceed this server's limit of {limit}.")
 
 
-def dicom_scope(ds: Any) -> Abstention | None:
-    """None when the dataset is a single-frame chest radiograph by the rules above, else why not."""
-    modality = str(ds.get("Modality", "") or "").strip().upper()
-    if modality not in CHEST_MODALITIES:
-        shown = (
-            modality if _CODE_STRING.fullmatch(modality) else ("absent" if not modality else "unrecognised")
-        )
-        return Abstention(
-            "out-of-scope",
-            f"Modality {shown} is not a radiograph (expected one of {', '.join(CHEST_MODALITIES)}).",
-        )
-    body = str(ds.get("BodyPartExamined", "") or "").strip().upper()
-    if body and body != "CHEST":
-        return Abstention("out-of-scope", "Body Part Examined is not CHEST.")
-    if str(ds.get("BurnedInAnnotation", "") or "").strip().upper() == "YES":
-        return Abstention(
-            "out-of-scope", "the image has burned-in annotation (text that may identify the patient)."
-        )
-    try:
-        frames = int(ds.get("NumberOfFrames", 1) or 1)
-    except (TypeError, ValueError):
-        frames = 1
-    if frames > 1:
-        return Abstention(
-            "out-of-scope", f"a multi-frame object ({frames} frames) is not a single radiograph."
-        )
-    return None
-
-
-def _decode_dicom(data: bytes, max_pixels: int, key: bytes) -> DecodedUpload:
-    """Seam: the DICOM issue's reader decodes pixels; here it is ``readers.dicom.dataset_to_image``."""
+def _decode_dicom(data: bytes, max_pixels: int, key: IdKey) -> DecodedUpload:
+    """Parse the whole upload (pixels included: it is decoded next) and hand it to :func:`decode_dataset`."""
     import pydicom
 
     size = len(data)
@@ -154,13 +134,10 @@ def _decode_dicom(data: bytes, max_pixels: int, key: bytes) -> DecodedUpload:
     return decode_dataset(ds, size, max_pixels=max_pixels, key=key)
 
 
-def decode_dataset(ds: Any, size: int, *, max_pixels: int, key: bytes) -> DecodedUpload:
+def decode_dataset(ds: Any, size: int, *, max_pixels: int, key: IdKey) -> DecodedUpload:
     """A parsed DICOM dataset (an upload, or a C-STORE) -> image or abstention, plus pseudonyms only."""
     try:  # pydicom parses lazily: a corrupt header fails here, not at dcmread
-        patient = str(ds.get("PatientID", "") or "").strip()
-        sop = str(ds.get("SOPInstanceUID", "") or "").strip()
-        scope = dicom_scope(ds)
-        has_pixels = any(tag in ds for tag in PIXEL_TAGS)
+        entry = dataset_entry(ds, key)
     except Exception as exc:  # noqa: BLE001 - decoder boundary
         return DecodedUpload(
             "dicom",
@@ -168,20 +145,16 @@ def decode_dataset(ds: Any, size: int, *, max_pixels: int, key: bytes) -> Decode
             None,
             Abstention("undecodable", f"not a readable DICOM file ({type(exc).__name__})."),
         )
-    pseudo = pseudonym(patient, key) if patient else None
-    query_id = pseudonym(sop, key) if sop else None
 
     def abstain(reason: Abstention) -> DecodedUpload:
-        return DecodedUpload("dicom", size, None, reason, pseudo, query_id)
+        return DecodedUpload("dicom", size, None, reason, entry.patient, entry.uid)
 
-    if scope is not None:
-        return abstain(scope)
-    if not has_pixels:
-        return abstain(Abstention("undecodable", "the DICOM object has no pixel data."))
-    try:
-        pixels = int(ds.get("Rows", 0) or 0) * int(ds.get("Columns", 0) or 0)
-    except (TypeError, ValueError):
-        pixels = 0
+    if entry.kind != "image":  # no pixels, no SOP Instance UID: the reader's reasons, path-free
+        return abstain(Abstention("undecodable", f"{entry.reason}."))
+    why = out_of_scope(entry)
+    if why is not None:
+        return abstain(Abstention("out-of-scope", f"{why}."))
+    pixels = (entry.rows or 0) * (entry.columns or 0)
     if pixels > max_pixels:
         return abstain(_too_large(pixels, max_pixels))
     try:
@@ -190,4 +163,4 @@ def decode_dataset(ds: Any, size: int, *, max_pixels: int, key: bytes) -> Decode
         return abstain(
             Abstention("undecodable", f"cannot decode the DICOM pixel data ({type(exc).__name__}).")
         )
-    return DecodedUpload("dicom", size, image, None, pseudo, query_id)
+    return DecodedUpload("dicom", size, image, None, entry.patient, entry.uid)

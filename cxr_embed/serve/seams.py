@@ -1,13 +1,10 @@
-"""The three places the service meets work of other issues; each is one small function to switch.
+"""Where the service meets the rest of the library: the store's model and its saved classifiers.
 
-* :func:`load_model` — today ``MedImageInsight.load`` of an explicit (or default) model folder,
-  refused unless it is the store's model. Switch to ``load_store_model(store, model_dir, device=,
-  precision=)`` when the store remembers its model.
-* :func:`load_classifier` — today ``evaluation.load_model`` (skops with a type allow-list), with the
-  file's sha256 computed here. Switch to ``classifier_files.load_classifier(store_path, name)`` when
-  classifier files carry run id / plan / checksum metadata and cannot run code.
-* DICOM decoding and the chest-only check live in :mod:`cxr_embed.serve.scope` (``id_key`` and
-  ``_decode_dicom``): switch them to the DICOM de-identification issue's reader and scope rules.
+Both are loaded once at start-up by :class:`cxr_embed.serve.engine.Engine`, with the same loaders
+``predict`` uses, so a served decision is exactly the one ``cxr-embed predict`` makes from the same
+file: :func:`cxr_embed.store.load_store_model` (the checkpoint the store was built with, checked by
+sha256) and :func:`cxr_embed.predict.load_model` (JSON + safetensors, no code, calibrator and
+operating points included).
 """
 
 from __future__ import annotations
@@ -34,8 +31,8 @@ class ServedClassifier:
 
     name: str
     target: str
-    run_id: str | None
-    plan: str | None
+    run_id: str
+    plan_id: str | None
     sha256: str
     thresholds: dict[str, float]
     model_id: str
@@ -47,7 +44,7 @@ class ServedClassifier:
             "name": self.name,
             "target": self.target,
             "run_id": self.run_id,
-            "plan": self.plan,
+            "plan_id": self.plan_id,
             "sha256": self.sha256,
             "model_id": self.model_id,
             "checkpoint_sha256": self.checkpoint_sha256,
@@ -56,40 +53,41 @@ class ServedClassifier:
 
 
 def load_model(store: Store, model_dir: str | Path | None, *, device: str, precision: str) -> MedImageInsight:
-    """The store's model on ``device``; StoreMismatchError when the folder holds another checkpoint."""
-    from cxr_embed.model import MedImageInsight
+    """The store's model on ``device`` (its recorded folder unless ``model_dir``); refused if another checkpoint."""
+    from cxr_embed.store import load_store_model
 
-    model = MedImageInsight.load(model_dir, device=device, precision=precision)
-    store.check_compatible(model.model_id, model.checkpoint_sha256, model.preprocessor.fingerprint())
-    return model
+    return load_store_model(store, model_dir, device=device, precision=precision)
 
 
-def load_classifier(store: Store, name: str) -> ServedClassifier:
-    """A saved classifier of ``store`` (``<store>/classifiers/<name>.skops``), checked against its model."""
+def load_classifier(store: Store, name: str, run: str | None = None) -> ServedClassifier:
+    """Saved classifier ``name`` of ``run`` (default: the latest run), checked against the store's model."""
     if name == FINETUNED:
         raise ConfigError(
-            "--classifier finetuned needs the fine-tuned head saved as a classifier file, which this "
-            "build cannot load yet; serve a classifier saved by `cxr-embed classify` (e.g. logreg)."
+            "--classifier finetuned needs the fine-tuned head saved as a classifier file, which "
+            "`cxr-embed finetune` does not write yet; serve a classifier saved by `cxr-embed classify` "
+            "(e.g. logreg; list them with GET /v1/store)."
         )
-    from cxr_embed.evaluation import load_model as load_saved
-    from cxr_embed.model.files import sha256_file
+    from cxr_embed.predict import load_model as load_saved
 
-    fitted, meta = load_saved(store, name)
-    store.check_compatible(meta["model_id"], meta["checkpoint_sha256"], meta["preprocess_fingerprint"])
+    fitted, meta = load_saved(store, name, run)
+    store.check_compatible(
+        meta.get("model_id"), meta.get("checkpoint_sha256"), meta.get("preprocess_fingerprint")
+    )
     return ServedClassifier(
         name=meta["name"],
         target=meta.get("target", "abnormal"),
-        run_id=meta.get("run_id"),
-        plan=meta.get("plan"),
-        sha256=sha256_file(Path(store.path) / "classifiers" / f"{name}.skops"),
-        thresholds={k: float(v) for k, v in meta["thresholds"].items()},
+        run_id=meta["run_id"],
+        plan_id=meta.get("plan_id"),
+        sha256=meta["safetensors_sha256"],
+        thresholds={k: float(v) for k, v in fitted.thresholds.items()},
         model_id=meta["model_id"],
         checkpoint_sha256=meta["checkpoint_sha256"],
         predict_proba=fitted.predict_proba,
     )
 
 
-def saved_classifiers(store: Store) -> list[str]:
-    """Names of the classifiers saved in the store (for ``GET /v1/store``)."""
-    folder = Path(store.path) / "classifiers"
-    return sorted(p.stem for p in folder.glob("*.skops")) if folder.is_dir() else []
+def saved_classifiers(store: Store) -> list[dict]:
+    """Every run's saved classifiers, oldest first, the latest marked (for ``GET /v1/store``)."""
+    from cxr_embed.classifier_files import list_runs
+
+    return [{"run_id": r.run_id, "names": list(r.names), "latest": r.latest} for r in list_runs(store.path)]

@@ -13,6 +13,7 @@ from typing import Any
 
 from fastapi import HTTPException
 
+from cxr_embed.readers.deid import IdKey
 from cxr_embed.serve.audit import AuditLog, AuditRecord
 from cxr_embed.serve.batching import MicroBatcher
 from cxr_embed.serve.config import ServeConfig
@@ -33,7 +34,7 @@ class Service:
     audit: AuditLog
     metrics: ServeMetrics
     keys: KeyRing | None
-    key: bytes  # pseudonymisation secret
+    key: IdKey  # the store's de-identification key (pseudonyms of DICOM uploads)
 
     def new_record(self, endpoint: str) -> AuditRecord:
         """An audit record carrying what every answer depends on: model and classifier identity."""
