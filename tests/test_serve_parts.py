@@ -164,3 +164,27 @@ def test_a_timed_out_caller_does_not_stall_the_batcher() -> None:
             await batcher.stop()
 
     assert asyncio.run(main()) == [0.0]
+
+
+def test_audit_rows_are_a_recorded_store_table_that_survives_a_delete(synthetic_store, tmp_path) -> None:
+    """Audit parts are recorded in store.json (checked like every result file), shown by the `audit`
+    view, kept by `store delete` (they name no image) and still writable by a server opened before it."""
+    import shutil
+
+    from cxr_embed.serve.audit import AuditLog, AuditRecord
+    from cxr_embed.store import Store, delete_rows, read_manifest, validate_store
+
+    path = tmp_path / "store"
+    shutil.copytree(synthetic_store.path, path)
+    opened = Store.open(path)
+    audit = AuditLog(opened)
+    audit.append(AuditRecord("/v1/triage", key_id="k1", status=200, decision="abnormal"))
+    assert audit.flush() == 1
+    delete_rows(path, patients=["00000001"])
+    audit.append(AuditRecord("/v1/search", key_id="k1", status=200))
+    assert audit.flush() == 1  # the server's Store predates the delete: audit rows are still accepted
+    assert len(read_manifest(path)["results"]["audit"]) == 2
+    fresh = Store.open(path)
+    rows = fresh.connect().execute("SELECT endpoint, decision FROM audit ORDER BY time").fetchall()
+    assert rows == [("/v1/triage", "abnormal"), ("/v1/search", None)] and len(fresh) == 595
+    assert validate_store(path).ok
