@@ -188,3 +188,30 @@ def test_audit_rows_are_a_recorded_store_table_that_survives_a_delete(synthetic_
     rows = fresh.connect().execute("SELECT endpoint, decision FROM audit ORDER BY time").fetchall()
     assert rows == [("/v1/triage", "abnormal"), ("/v1/search", None)] and len(fresh) == 595
     assert validate_store(path).ok
+
+
+def test_serving_key_must_be_the_one_the_store_was_indexed_with(synthetic_store, tmp_path) -> None:
+    """Another key would give an upload's patient another pseudonym: own-patient exclusion would fail
+    silently, so the server refuses to start instead."""
+    import json
+    import shutil
+
+    from cxr_embed.errors import StoreIdentityError
+    from cxr_embed.readers.deid import load_key
+    from cxr_embed.serve.scope import store_key
+    from cxr_embed.store import MANIFEST, Store
+
+    key_file = tmp_path / "id-key"
+    key_file.write_text("a-de-identification-key-for-this-test\n")
+    key = load_key(key_file)
+    path = tmp_path / "store"
+    shutil.copytree(synthetic_store.path, path)
+    manifest = json.loads((path / MANIFEST).read_text())
+    manifest["identity"] = {"id_key_fingerprint": key.fingerprint}
+    (path / MANIFEST).write_text(json.dumps(manifest))
+    store = Store.open(path)
+    assert store_key(store, key_file).fingerprint == key.fingerprint
+    other = tmp_path / "other-key"
+    other.write_text("another-de-identification-key-entirely\n")
+    with pytest.raises(StoreIdentityError, match=key.fingerprint):
+        store_key(store, other)
