@@ -187,4 +187,3 @@ def shard_schema(dim: int) -> pa.Schema:
             *[pa.field(name, pa.string()) for name in IDENTITY_COLUMNS],
         ]
     )
-
