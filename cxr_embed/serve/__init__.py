@@ -3,8 +3,8 @@
 Modules, in request order: :mod:`.config` (settings, the loopback rule), :mod:`.keys` (API keys as
 salted hashes), :mod:`.uploads` (bodies within limits, multipart in memory), :mod:`.scope`
 (decoding and the chest-radiograph scope check; pseudonyms only), :mod:`.batching` (micro-batches
-for the model), :mod:`.engine` (store, model, classifier, distance gate), :mod:`.seams` (the
-adapters to the model/classifier loaders of other issues), :mod:`.audit` (the ``audit`` table),
+for the model), :mod:`.engine` (store, model, classifier, distance gate), :mod:`.loaders` (the
+store's model and saved classifiers, as ``predict`` loads them), :mod:`.audit` (the ``audit`` table),
 :mod:`.metrics` (Prometheus), :mod:`.service` (the shared triage answer), :mod:`.app` (routes),
 :mod:`.page` (the case-lookup page), :mod:`.dicom_port` (the optional C-STORE receiver) and
 :mod:`.server` (uvicorn).

@@ -32,7 +32,7 @@ import pyarrow.compute as pc
 from cxr_embed import retrieval
 from cxr_embed.errors import StoreError
 from cxr_embed.records import FINDINGS
-from cxr_embed.serve import seams
+from cxr_embed.serve import loaders
 from cxr_embed.serve.config import ServeConfig
 from cxr_embed.store import MANIFEST, Store, read_manifest
 
@@ -204,13 +204,13 @@ class Engine:
         store = Store.open(config.store)
         self._stamp = _stamp(store.path / MANIFEST)
         if model is None:
-            model = seams.load_model(
+            model = loaders.load_model(
                 store, config.model_dir, device=config.device, precision=config.precision
             )
         store.check_compatible(model.model_id, model.checkpoint_sha256, model.preprocessor.fingerprint())
         self.model = model
         self.classifier = (
-            seams.load_classifier(store, config.classifier, config.classifier_run)
+            loaders.load_classifier(store, config.classifier, config.classifier_run)
             if config.classifier
             else None
         )
@@ -272,7 +272,7 @@ class Engine:
             "dim": store.dim,
             "rows": len(store),
             "index_kind": store.index_kind,
-            "classifiers": seams.saved_classifiers(store),
+            "classifiers": loaders.saved_classifiers(store),
             "serving_classifier": self.classifier.describe() if self.classifier else None,
             "distance_gate": self.gate.describe(),
             "device": str(self.model.device),
