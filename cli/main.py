@@ -14,6 +14,7 @@ from cxr_embed_cli import (
     reproduce_cmds,
     search_cmds,
     search_eval_cmds,
+    serve_cmds,
     sql_cmds,
     synth_cmds,
 )
@@ -71,6 +72,7 @@ for module in (
     finetune_cmds,
     demo_cmds,
     reproduce_cmds,
+    serve_cmds,
 ):
     module.register(app)
 

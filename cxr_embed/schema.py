@@ -54,6 +54,30 @@ ERRORS_SCHEMA = pa.schema(
 
 _TIMESTAMP = pa.timestamp("us", tz="UTC")
 
+AUDIT_SCHEMA = pa.schema(
+    [
+        pa.field("time", pa.timestamp("us", tz="UTC")),
+        pa.field("key_id", pa.string()),
+        pa.field("endpoint", pa.string()),
+        pa.field("status", pa.int32()),
+        pa.field("input_kind", pa.string()),
+        pa.field("inputs", pa.int32()),
+        pa.field("input_bytes", pa.int64()),
+        pa.field("model_id", pa.string()),
+        pa.field("checkpoint_sha256", pa.string()),
+        pa.field("classifier", pa.string()),
+        pa.field("classifier_run", pa.string()),
+        pa.field("classifier_sha256", pa.string()),
+        pa.field("thresholds", pa.string()),
+        pa.field("decision", pa.string()),
+        pa.field("abstained", pa.int32()),
+        pa.field("latency_ms", pa.float64()),
+        pa.field("error", pa.string()),
+    ]
+)
+"""``results/audit/part-*.parquet``: one row per call to ``cxr-embed serve`` (cxr_embed/serve/audit.py);
+no identifiers, no pixels (so erasing images leaves it untouched). Recorded in store.json like every result table."""
+
 RESULT_SCHEMAS: dict[str, pa.Schema] = {
     # One row per evaluated image: calibrated probability and the classifier's raw one beside it.
     "predictions": pa.schema(
@@ -149,6 +173,8 @@ RESULT_SCHEMAS: dict[str, pa.Schema] = {
             ("out", pa.string()),
         ]
     ),
+    # One row per call to `cxr-embed serve` (never an identifier): see AUDIT_SCHEMA.
+    "audit": AUDIT_SCHEMA,
 }
 
 

@@ -48,7 +48,7 @@ if TYPE_CHECKING:
 
     from cxr_embed.store import Store
 
-VIEWS: tuple[str, ...] = ("images", "embeddings", "predictions", "metrics", "runs", "errors")
+VIEWS: tuple[str, ...] = ("images", "embeddings", "predictions", "metrics", "runs", "errors", "audit")
 NEIGHBOR_COLUMNS: tuple[str, ...] = ("rank", "row_id", "image_id", "patient_id", "label", "similarity")
 QUIT_COMMANDS = frozenset({".quit", ".exit", "\\q"})
 

@@ -35,6 +35,7 @@ def test_every_view_is_queryable(search_store) -> None:
         "metrics": 0,
         "runs": 0,
         "errors": 0,
+        "audit": 0,
     }
 
 

@@ -19,6 +19,7 @@ file's pseudonymous id.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -36,6 +37,7 @@ DEFAULT_MODALITIES = ("CR", "DX", "RG", "CX")
 DEFAULT_BODY_PARTS = ("CHEST",)
 FRAME_MODES = ("first", "all")
 NOT_LISTED = ("DICOMDIR", LABEL_CSV)
+_CODE_STRING = re.compile(r"[A-Z0-9_ ]{1,16}")  # DICOM CS: what a real Modality looks like
 
 
 @dataclass
@@ -145,7 +147,7 @@ def list_dicom(
             stage = "not_dicom" if entry.kind == "not_dicom" else "dicom"
             out.failures.append(ReadFailure(entry.uid or ref, ref, stage, entry.reason or entry.kind))
             continue
-        why = _out_of_scope(entry, modalities, body_parts, allow_burned_in, frames)
+        why = out_of_scope(entry, modalities, body_parts, allow_burned_in, frames)
         if why is not None:
             out.failures.append(ReadFailure(entry.uid or ref, ref, "out_of_scope", why))
             continue
@@ -183,19 +185,23 @@ def _accepted(value: str | Iterable[str] | None, default: tuple[str, ...]) -> fr
     return None if "ANY" in names or "*" in names else frozenset(names)
 
 
-def _out_of_scope(
+def out_of_scope(
     e: HeaderEntry,
-    modalities: frozenset[str] | None,
-    body_parts: frozenset[str] | None,
-    allow_burned_in: bool,
-    frames: str | None,
+    modalities: frozenset[str] | None = frozenset(DEFAULT_MODALITIES),
+    body_parts: frozenset[str] | None = frozenset(DEFAULT_BODY_PARTS),
+    allow_burned_in: bool = False,
+    frames: str | None = None,
 ) -> str | None:
-    """Why ``e`` is not a chest radiograph this run accepts (None: it is)."""
+    """Why ``e`` is not a chest radiograph this run accepts (None: it is); also ``serve``'s rule.
+
+    The reason quotes Modality / BodyPartExamined only when they are DICOM code strings: a free-text value could
+    be a name, and reasons are stored (errors table) and returned (serve).
+    """
     if modalities is not None and (e.modality or "") not in modalities:
-        return (f"Modality {e.modality or '(absent)'} is not accepted (accepted: {', '.join(sorted(modalities))}; "
+        return (f"Modality {_shown(e.modality)} is not accepted (accepted: {', '.join(sorted(modalities))}; "
                 "change with --modality)")  # fmt: skip
     if body_parts is not None and e.body_part is not None and e.body_part not in body_parts:
-        return (f"BodyPartExamined {e.body_part} is not accepted (accepted: {', '.join(sorted(body_parts))} or "
+        return (f"BodyPartExamined {_shown(e.body_part)} is not accepted (accepted: {', '.join(sorted(body_parts))} or "
                 "absent; change with --body-part)")  # fmt: skip
     if e.burned_in == "YES" and not allow_burned_in:
         return ("BurnedInAnnotation is YES: text in the pixels may identify the patient (accept with "
@@ -203,6 +209,13 @@ def _out_of_scope(
     if (e.frames or 1) > 1 and frames is None:
         return f"multi-frame object ({e.frames} frames): pass --frames first or --frames all to index it"
     return None
+
+
+def _shown(value: str | None) -> str:
+    """A header code string as a reason may quote it; anything else is not repeated."""
+    if not value:
+        return "(absent)"
+    return value if _CODE_STRING.fullmatch(value) else "(not a code string)"
 
 
 def _drop_duplicates(

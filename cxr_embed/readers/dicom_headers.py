@@ -94,10 +94,18 @@ def read_header(path: str, key: IdKey) -> HeaderEntry:
     try:
         with open(p, "rb") as fh:
             ds = read_partial(fh, stop_when=at_pixels, defer_size="64 KB", force=True)
-            text = {name: _text(ds, name) for name in _TEXT_FIELDS}
-            numbers = _numbers(ds)
+            return dataset_entry(ds, key, bool(saw_pixels))
     except Exception as exc:  # noqa: BLE001 - pydicom raises many types on corrupt headers
         return HeaderEntry("unreadable", f"not a readable DICOM file ({type(exc).__name__})")
+
+
+def dataset_entry(ds: Any, key: IdKey, saw_pixels: bool = False) -> HeaderEntry:
+    """De-identified header of a parsed dataset (a file here, an upload or C-STORE in ``serve``).
+
+    pydicom parses lazily, so a corrupt header can raise here: callers catch it (see :func:`read_header`).
+    """
+    text = {name: _text(ds, name) for name in _TEXT_FIELDS}
+    numbers = _numbers(ds)
     if not saw_pixels and not any(tag in ds for tag in PIXEL_TAGS):
         return HeaderEntry("no_pixels", "DICOM file has no pixel data (a report, presentation state, …)")
     if not text["SOPInstanceUID"]:

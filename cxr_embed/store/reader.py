@@ -273,7 +273,8 @@ class Store:
 
     def connect(self) -> duckdb.DuckDBPyConnection:
         """An in-memory DuckDB connection with views ``images`` (metadata), ``embeddings``
-        (row_id, image_id, embedding FLOAT[D]), ``predictions``, ``metrics``, ``runs``, ``errors``.
+        (row_id, image_id, embedding FLOAT[D]), ``errors`` and one view per result table
+        (``predictions``, ``metrics``, ``runs``, …, ``audit``: see :data:`RESULT_SCHEMAS`).
 
         Views read the store's files directly (nothing is copied), after every file has been
         checked against its recorded checksum; a table with no data yet is an empty view with the
@@ -335,7 +336,9 @@ class Store:
 
         ``data`` must have exactly the table's columns (see :data:`RESULT_SCHEMAS`); types are cast.
         The part is written first, then recorded in ``store.json`` under the short manifest lock, so
-        a kill leaves at most an unrecorded orphan, which no reader sees.
+        a kill leaves at most an unrecorded orphan, which no reader sees. A table naming images is
+        refused when rows were removed since this Store was opened; one without image ids (``audit``)
+        is not, so a long-running server keeps its audit trail across a ``store delete``.
         """
         schema = self._result_schema(table)
         data = conform(data, schema, f"write_results({table!r})")
@@ -345,7 +348,7 @@ class Store:
         entry = file_entry(rel, payload)
         with manifest_lock(self.path):
             manifest = read_manifest(self.path)
-            if _removals(manifest) != _removals(self.manifest):
+            if "image_id" in schema.names and _removals(manifest) != _removals(self.manifest):
                 (self.path / rel).unlink(missing_ok=True)
                 raise StoreError(
                     f"Rows of store {self.path} were removed (store delete, --prune or a repair) while this command "
