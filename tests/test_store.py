@@ -114,7 +114,7 @@ def test_results_append_atomically_and_show_up_in_sql(store_copy: Path) -> None:
     store = Store.open(store_copy)
     assert store.read_results("runs") is None
     run = pa.table({"run_id": ["r1"], "kind": ["classify"], "created_at": [datetime.now(timezone.utc)],
-                    "params": ["{}"], "versions": ["{}"], "timings": ["{}"]})
+                    "params": ["{}"], "versions": ["{}"], "timings": ["{}"], "warnings": ["[]"]})
     store.write_results("runs", run)
     store.write_results("runs", run.set_column(0, "run_id", pa.array(["r2"])))
     assert store.read_results("runs").column("run_id").to_pylist() == ["r1", "r2"]
