@@ -13,7 +13,6 @@ from cxr_embed_cli.output import (
     ModelDirOpt,
     OutOpt,
     PrecisionOpt,
-    StoreOpt,
     WideOpt,
     emit_record,
     emit_rows,
@@ -39,7 +38,12 @@ _FILE_COLUMNS = (*_COLUMNS, "row_id", "path")
 
 
 def search(
-    store: StoreOpt,
+    ctx: typer.Context,
+    store: Annotated[
+        str | None,
+        typer.Option("--store", "-s", help="Store directory or file:// URI (made by `cxr-embed index`).",
+                     envvar="CXR_EMBED_STORE"),
+    ] = None,
     image: Annotated[
         Path | None, typer.Option("--image", help="Query with this X-ray file (PNG/JPEG/DICOM).")
     ] = None,
@@ -85,8 +89,14 @@ def search(
     A stored query image (--id, or an --image file that is in the store) is never its own neighbour,
     so its label never counts in the vote.
     --format json (or --json) prints the whole result; the other formats one row per neighbour.
+    `cxr-embed search eval` measures how good the neighbours are (see `search eval --help`).
     """
     from cxr_embed.errors import ConfigError
+
+    if ctx.invoked_subcommand is not None:  # `search eval …`: the sub-command has its own options
+        return
+    if store is None:
+        raise ConfigError("Missing option --store (or $CXR_EMBED_STORE): the store to search.")
 
     spec = resolve_output(fmt, out, as_json=as_json, wide=wide)
     given = [name for name, v in (("--image", image), ("--id", image_id), ("--text", text)) if v is not None]
@@ -144,5 +154,15 @@ def search(
 
 
 def register(app: typer.Typer) -> None:
-    """Add this module's commands to ``app``."""
-    app.command("search")(handle_errors(search))
+    """Add ``search`` (a query when called with options, a group for ``search eval``) to ``app``.
+
+    Why a group: retrieval quality belongs next to retrieval. The group's ``--store`` is optional at
+    parse time (checked in the body) so that ``search eval --store S`` reaches the sub-command.
+    """
+    from cxr_embed_cli import search_eval_cmds
+
+    group = typer.Typer(no_args_is_help=False)
+    group.callback(invoke_without_command=True)(handle_errors(search))
+    search_eval_cmds.register(group)
+    app.add_typer(group, name="search", help="Find the k most similar stored X-rays and a kNN-vote probability "
+                  "of abnormal; `search eval` measures retrieval quality.")

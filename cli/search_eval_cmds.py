@@ -1,4 +1,4 @@
-"""CLI command: search-eval — how good are the neighbours (P@k, mAP@k, nDCG@k, kNN-vote AUC)."""
+"""CLI command: search eval — how good are the neighbours (P@k, mAP@k, nDCG@k, kNN-vote AUC)."""
 
 from __future__ import annotations
 
@@ -111,6 +111,6 @@ def search_eval(
         info(f"recorded as run {result.run_id} (metrics arm 'retrieval'); figure {result.figure}")
 
 
-def register(app: typer.Typer) -> None:
-    """Add this module's commands to ``app``."""
-    app.command("search-eval")(handle_errors(search_eval))
+def register(group: typer.Typer) -> None:
+    """Add ``eval`` to the ``search`` group."""
+    group.command("eval")(handle_errors(search_eval))

@@ -200,7 +200,8 @@ def test_search_eval_command_prints_records_and_plots(tmp_path) -> None:
     res = CliRunner().invoke(
         app,
         [
-            "search-eval",
+            "search",
+            "eval",
             "--store",
             str(store.path),
             "--k",
@@ -217,5 +218,6 @@ def test_search_eval_command_prints_records_and_plots(tmp_path) -> None:
     assert {r["metric"] for r in doc["rows"]} == {"precision", "map", "ndcg"}
     assert {r["target"] for r in doc["rows"]} == {"atelectasis"}
     assert (tmp_path / "s" / "plots" / doc["run_id"]).is_dir() and doc["figure"].endswith(".png")
-    bad = CliRunner().invoke(app, ["search-eval", "--store", str(store.path), "--k", "0"])
+    bad = CliRunner().invoke(app, ["search",
+            "eval", "--store", str(store.path), "--k", "0"])
     assert bad.exit_code == 1 and "--k" in bad.stderr
