@@ -473,6 +473,34 @@ def emit_record(
     emit_rows(rows, spec, columns=("field", "value"), title=title)
 
 
+def emit_result(
+    obj: Any,
+    rows: Any,
+    spec: OutputSpec,
+    *,
+    columns: Sequence[str] | None = None,
+    table: tuple[Sequence[Mapping[str, Any]], Sequence[str]] | None = None,
+    title: str | None = None,
+) -> None:
+    """A command's result that is both a report and a table (``classify``, ``study``, ``predict``):
+    ``--format json`` prints ``obj`` whole (its historic shape), the other formats its ``rows`` at full
+    precision, and a terminal table shows ``table`` = (rows, columns) when given: the same rows made to
+    fit 80 columns (a CI as one ``[lo, hi]`` cell, short headers)."""
+    if spec.fmt == "json":
+        emit_record(obj, [], spec)
+    elif spec.fmt == "table" and table is not None:
+        emit_rows(list(table[0]), spec, columns=table[1], title=title)
+    else:
+        emit_rows(rows, spec, columns=columns, title=title)
+
+
+def format_ci(ci: Sequence[Any] | None) -> str:
+    """A 95% CI as one cell, ``[0.712, 0.854]`` (empty when there is none)."""
+    if not ci or ci[0] is None or ci[1] is None or ci[0] != ci[0] or ci[1] != ci[1]:
+        return ""
+    return f"[{format_float(float(ci[0]))}, {format_float(float(ci[1]))}]"
+
+
 def _note(message: str) -> None:
     """One line on stderr (never markup)."""
     sys.stderr.write(message + "\n")
