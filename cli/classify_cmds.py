@@ -471,6 +471,7 @@ def study(
         n_boot=n_boot,
         seed=seed,
         plots=plots,
+        progress=True,
     )
     result = run_study(Store.open(store), config)
     if spec.fmt == "json":
