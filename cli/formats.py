@@ -32,6 +32,7 @@ import csv
 import dataclasses
 import json
 import math
+import re
 import shutil
 import sys
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -395,9 +396,10 @@ def _print_table(
     from rich.text import Text
 
     widest = [max([len(r[i]) for r in cells], default=0) for i in range(len(names))]
+    whole = [num or _all_intervals([r[i] for r in cells]) for i, num in enumerate(numeric)]
     least = [
-        max(w, min(len(n), _HEADER_MIN_WIDTH), 1) if num else max(min(max(w, len(n)), _TEXT_MIN_WIDTH), 1)
-        for n, w, num in zip(names, widest, numeric, strict=True)
+        max(w, min(len(n), _HEADER_MIN_WIDTH), 1) if keep else max(min(max(w, len(n)), _TEXT_MIN_WIDTH), 1)
+        for n, w, keep in zip(names, widest, whole, strict=True)
     ]
     most = [max(w, len(n), 1) for n, w in zip(names, widest, strict=True)]
     width = shutil.get_terminal_size((120, 24)).columns
@@ -419,6 +421,15 @@ def _print_table(
     for row in cells:
         table.add_row(*[Text(row[i]) for i in keep])
     Console(width=width, soft_wrap=False, highlight=False, markup=False, emoji=False).print(table)
+
+
+_INTERVAL = re.compile(r"^\[-?[\d.e+-]+, -?[\d.e+-]+\]$")
+
+
+def _all_intervals(column: Sequence[str]) -> bool:
+    """A text column of ``[lo, hi]`` CIs (see :func:`format_ci`): kept whole like a number, never folded."""
+    shown = [c for c in column if c]
+    return bool(shown) and all(_INTERVAL.match(c) or c == "reference" for c in shown)
 
 
 def _layout(least: Sequence[int], most: Sequence[int], width: int) -> dict[int, int]:
