@@ -23,6 +23,7 @@ from cxr_embed_cli.output import (
     handle_errors,
     info,
     resolve_output,
+    warn,
 )
 from cxr_embed_cli.reader_opts import with_reader_options
 
@@ -78,7 +79,6 @@ def index_cmd(
     preprocessing is refused. DICOM folders are de-identified (keyed pseudonyms, no path, no date)
     and only chest radiographs are taken: see the "Reading the dataset" options.
     """
-    from cxr_embed.errors import InputError
     from cxr_embed.job import IndexConfig, run_index
 
     config = IndexConfig(dataset=dataset, model_dir=model_dir, device=device, precision=precision, batch_size=batch_size,
@@ -86,21 +86,23 @@ def index_cmd(
                          ray_address=address, gpus_per_worker=gpus_per_worker, cpus_per_worker=cpus_per_worker,
                          prune=prune, reader_options=reader_options or {}, link_file=link_file)
     spec = resolve_output(fmt, out, as_json=json_out, wide=wide)
-    summary = run_index(source, store, config, progress=not quiet)
-    if summary.listed == 0:
-        raise InputError(_nothing_found(source, dataset), str(source))
+    summary = run_index(source, store, config, progress=not quiet)  # an empty source: InputError, no store
     emit_record(
         summary,
         [
             ("store", summary.store),
             ("listed", summary.listed),
+            ("stored", summary.stored),
             ("already stored", summary.already_stored),
             ("embedded", summary.embedded),
+            ("failed", summary.failed),
+            *((f"failed.{stage}", n) for stage, n in sorted(summary.failures_by_stage.items())
+              if stage not in summary.skipped),
+            ("skipped", sum(summary.skipped.values())),
+            *((f"skipped.{reason}", n) for reason, n in summary.skipped.items()),
             ("updated", summary.updated),
             ("missing from source", summary.missing_from_source),
             ("pruned", summary.pruned),
-            ("failed", summary.failed),
-            *((f"failed.{stage}", n) for stage, n in sorted(summary.failures_by_stage.items())),
             ("rows in store", summary.rows),
             ("index", summary.index_kind),
             ("images/s", summary.images_per_s),
@@ -108,30 +110,17 @@ def index_cmd(
             ("model", f"{summary.model_id} on {summary.device} ({summary.precision})"),
         ],
         spec,
-        title="cxr-embed index",
+        title="cxr-embed index: listed = stored + failed + skipped",
     )
     for note in summary.notes:
         info(note)
+    if not summary.balanced:
+        warn(f"listed {summary.listed} != stored {summary.stored} + failed {summary.failed} + skipped "
+             f"{sum(summary.skipped.values())}: please report this (an input went missing from the accounting).")
     if summary.failed:
         if not quiet:
             info(f"{summary.failed} input(s) failed; see `cxr-embed sql --store {summary.store} \"SELECT * FROM errors\"`.")
         raise typer.Exit(EXIT_PARTIAL)
-
-
-def _nothing_found(source: Path, dataset: str) -> str:
-    """What an empty listing looked for, so the user can tell a wrong path from a wrong --dataset."""
-    from cxr_embed.imageio import DICOM_SUFFIXES
-    from cxr_embed.readers.folder import IMAGE_SUFFIXES
-
-    looked = {
-        "chestxray14": "a ChestX-ray14 Data_Entry CSV and its PNG images",
-        "dicom": f"DICOM files ({', '.join(DICOM_SUFFIXES)} or DICM-tagged)",
-        "folder": f"image files ({', '.join(IMAGE_SUFFIXES)})",
-    }.get(dataset, f"a ChestX-ray14 CSV, DICOM files or image files ({', '.join(IMAGE_SUFFIXES)})")
-    return (
-        f"No images found in {source} (--dataset {dataset}): looked for {looked} in the folder and its "
-        "subfolders. Check the path, or name the layout with --dataset."
-    )
 
 
 @store_app.command("info")
