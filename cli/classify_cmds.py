@@ -16,6 +16,7 @@ from cxr_embed_cli.output import (
     OutOpt,
     OutputSpec,
     PrecisionOpt,
+    QuietOpt,
     StoreOpt,
     WideOpt,
     emit_result,
@@ -23,6 +24,7 @@ from cxr_embed_cli.output import (
     format_ci,
     handle_errors,
     info,
+    quiet_progress,
     resolve_output,
     warn,
 )
@@ -153,6 +155,7 @@ def classify(
     out: OutOpt = None,
     wide: WideOpt = False,
     json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
 ) -> None:
     """Cross-validate classifiers on the store's embeddings, leak-free, and save everything in the store.
 
@@ -163,6 +166,7 @@ def classify(
     (per fold, pooled = fold -1, subgroups) and the run go to the store (views latest_metrics,
     latest_predictions in `cxr-embed sql`).
     """
+    quiet_progress(quiet)
     from cxr_embed import evaluation
     from cxr_embed.classifiers import parse_models
     from cxr_embed.store import Store
@@ -270,6 +274,7 @@ def predict(
     out: OutOpt = None,
     wide: WideOpt = False,
     json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
 ) -> None:
     """Embed new images with the store's model and score them with a classifier saved by `classify`.
 
@@ -278,6 +283,7 @@ def predict(
     calibration made the classifier. The model must match the store's. An unreadable image is
     reported in its row (error) and the others are still scored.
     """
+    quiet_progress(quiet)
     from cxr_embed.predict import predict_images
     from cxr_embed.store import Store
 
@@ -436,6 +442,7 @@ def study(
     out: OutOpt = None,
     wide: WideOpt = False,
     json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
 ) -> None:
     """The study table: every arm (frozen classifiers, fine-tuned model) on the same test rows of one plan.
 
@@ -445,6 +452,7 @@ def study(
     of the difference, Brier difference likewise. Arms scored on different rows are refused. Written
     to the store (SQL view `study`).
     """
+    quiet_progress(quiet)
     from cxr_embed import evaluation
     from cxr_embed.classifiers import parse_models
     from cxr_embed.store import Store

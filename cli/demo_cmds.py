@@ -13,11 +13,13 @@ from cxr_embed_cli.output import (
     ModelDirOpt,
     OutOpt,
     OutputSpec,
+    QuietOpt,
     WideOpt,
     emit_record,
     emit_rows,
     handle_errors,
     info,
+    quiet_progress,
     resolve_output,
     stderr,
     stdout,
@@ -56,6 +58,7 @@ def demo(
     out_file: OutOpt = None,
     wide: WideOpt = False,
     json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
 ) -> None:
     """Run everything offline on synthetic chest X-rays: synth → index → classify → fine-tune → study → search → SQL.
 
@@ -68,6 +71,7 @@ def demo(
     take a few minutes on 2 CPU cores. Leaves a store that `cxr-embed sql`, `cxr-embed search`
     and the notebooks in notebooks/ read.
     """
+    quiet_progress(quiet)
     from cxr_embed.demo import DemoConfig, run_demo
 
     spec = resolve_output(fmt, out_file, as_json=json_out, wide=wide)

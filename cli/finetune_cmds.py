@@ -12,11 +12,13 @@ from cxr_embed_cli.output import (
     ModelDirOpt,
     OutputSpec,
     PrecisionOpt,
+    QuietOpt,
     WideOpt,
     emit_result,
     format_ci,
     handle_errors,
     info,
+    quiet_progress,
     resolve_output,
     warn,
 )
@@ -135,6 +137,7 @@ def finetune(
     fmt: FormatOpt = None,
     wide: WideOpt = False,
     as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
     reader_options: dict | None = None,
 ) -> None:
     """Fine-tune the MedImageInsight image tower end to end with a linear head (a GPU job at full size).
@@ -145,6 +148,7 @@ def finetune(
 
     The best model is exported to OUT/model in the official folder layout: `cxr-embed index --model-dir OUT/model` embeds with it. SIGTERM saves a checkpoint and exits with status 75; rerun with --resume to continue.
     """
+    quiet_progress(quiet)
     from cxr_embed.finetune import EXIT_INTERRUPTED, FineTuneConfig, resume_config
     from cxr_embed.finetune import finetune as run_finetune
     from cxr_embed.finetune.sweep import parse_values, run_sweep

@@ -61,6 +61,7 @@ __all__ = [
     "info",
     "print_fields",
     "print_table",
+    "quiet_progress",
     "resolve_output",
     "to_jsonable",
     "one_line_warnings",
@@ -102,11 +103,28 @@ OutOpt = Annotated[
 WideOpt = Annotated[
     bool, typer.Option("--wide", help="Show every table column even when wider than the terminal.")
 ]
-QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or log lines on stderr.")]
+QuietOpt = Annotated[
+    bool, typer.Option("--quiet", "-q", help="No progress bars on stderr (same as cxr-embed -q).")
+]
+
+
+def quiet_progress(quiet: bool) -> None:
+    """``--quiet`` on a command: every progress bar of this run off (as the global ``cxr-embed -q``)."""
+    if quiet:
+        from cxr_embed.progress import silence
+
+        silence()
+
+
 BatchSizeOpt = Annotated[int, typer.Option("--batch-size", min=1, help="Images per forward pass.")]
 StoreOpt = Annotated[
     str,  # not Path: Path("s3://b/x") would become the local folder "s3:/b/x" and skip the object-store refusal
-    typer.Option("--store", "-s", help="Store directory or file:// URI (made by `cxr-embed index`).", envvar="CXR_EMBED_STORE"),
+    typer.Option(
+        "--store",
+        "-s",
+        help="Store directory or file:// URI (made by `cxr-embed index`).",
+        envvar="CXR_EMBED_STORE",
+    ),
 ]
 ModelDirOpt = Annotated[
     Path | None,

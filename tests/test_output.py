@@ -359,3 +359,28 @@ def test_result_files_round_trip_at_full_precision(scored_store, tmp_path) -> No
         assert sorted(float(r[column]) for r in tsv) == want, name  # shortest text of the same double
         assert sorted(r[column] for r in parquet) == want, name
         assert isinstance(parquet[0][column], float) and "[" not in piped.stdout.splitlines()[0], name
+
+
+def test_a_progress_bar_fits_80_columns(monkeypatch) -> None:
+    """Count, rate, time left and a note on one 80-column line (a bar that wraps is unreadable)."""
+    import io
+
+    from rich.console import Console
+
+    from cxr_embed import progress
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    terminal = Terminal()
+    monkeypatch.setattr(progress, "_silenced", False)
+    monkeypatch.setattr(sys, "stderr", terminal)
+    monkeypatch.setattr(progress, "stderr_console", Console(file=terminal, width=80, force_terminal=True))
+    with progress.progress_bar(12345, "fine-tune steps") as bar:
+        bar._start -= 100.0  # a realistic rate (12.3/s), not the millions of an instant test
+        bar.advance(1234)
+        bar.note("ep 10/10 loss 0.412")
+    lines = [re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", line) for line in terminal.getvalue().splitlines()]
+    shown = [line for line in lines if "1234/12345" in line]
+    assert shown and all(len(line.rstrip()) <= 80 for line in shown) and "loss 0.412" in shown[-1], lines
