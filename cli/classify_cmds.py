@@ -247,6 +247,11 @@ def short_table(rows: list[dict], columns: tuple[str, ...]) -> tuple[list[dict],
     return [{SHORT.get(c, c): r.get(c) for c in columns} for r in rows], names
 
 
+def _study_terminal(columns: tuple[str, ...]) -> tuple[str, ...]:
+    """The study's "arm" column in a terminal is "frozen/lr": one column for arm and model."""
+    return tuple("arm/model" if c == "arm" else c for c in columns)
+
+
 @handle_errors
 def predict(
     images: Annotated[list[Path], typer.Argument(help="Image files (PNG, JPEG, DICOM) to score.")],
@@ -332,7 +337,6 @@ def warn_all(warnings: list[str]) -> None:
 
 STUDY_TABLE = (
     "arm",
-    "classifier",
     "roc_auc",
     "95% CI",
     "ΔAUC",
@@ -360,6 +364,7 @@ def study_rows(table: list[dict]) -> list[dict]:
                 row[f"{key}_low"], row[f"{key}_high"] = value if value else (None, None)
             else:
                 row[key] = value
+        row["arm/model"] = r["arm"] if r["arm"] == "finetuned" else f"{r['arm']}/{r['classifier']}"
         row["95% CI"] = format_ci(r["roc_auc_ci"])
         row["ΔAUC"] = r["auc_diff_vs_ref"]
         row["ΔAUC 95% CI"] = format_ci(r["auc_diff_ci"]) if r["auc_diff_ci"] else "reference"
@@ -372,7 +377,7 @@ def study_table(
     rows: list[dict], columns: tuple[str, ...] = STUDY_TABLE
 ) -> tuple[list[dict], tuple[str, ...]]:
     """The terminal view of :func:`study_rows`."""
-    return short_table(rows, columns)
+    return short_table(rows, _study_terminal(columns))
 
 
 def emit_study(
@@ -380,7 +385,8 @@ def emit_study(
 ) -> None:
     """The study rows in files at full precision (no text CI cells), in a terminal as :func:`study_table`."""
     flat = [
-        {k: v for k, v in r.items() if k not in ("95% CI", "ΔAUC", "ΔAUC 95% CI", "DeLong p")} for r in rows
+        {k: v for k, v in r.items() if k not in ("arm/model", "95% CI", "ΔAUC", "ΔAUC 95% CI", "DeLong p")}
+        for r in rows
     ]
     emit_result(None, flat, spec, table=study_table(rows, columns), title=title)
 

@@ -97,7 +97,6 @@ def demo(
 
 DEMO_STUDY = (
     "arm",
-    "classifier",
     "roc_auc",
     "95% CI",
     "ΔAUC",

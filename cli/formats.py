@@ -413,14 +413,18 @@ def _print_table(
             f"{len(dropped)} column(s) left out to fit {width} columns ({', '.join(dropped)}): use --wide, "
             "or --format tsv/json/…"
         )
-    table = Table(title=Text(title) if title else None, box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
+    # the title is its own line: as a rich table title it would be wrapped to the table's width
+    table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
     for i in keep:
         table.add_column(
             Text(names[i]), justify="right" if numeric[i] else "left", width=widths[i], overflow="fold"
         )
     for row in cells:
         table.add_row(*[Text(row[i]) for i in keep])
-    Console(width=width, soft_wrap=False, highlight=False, markup=False, emoji=False).print(table)
+    console = Console(width=width, soft_wrap=False, highlight=False, markup=False, emoji=False)
+    if title:
+        console.print(Text(title))
+    console.print(table)
 
 
 _INTERVAL = re.compile(r"^\[-?[\d.e+-]+, -?[\d.e+-]+\]$")
@@ -506,10 +510,14 @@ def emit_result(
 
 
 def format_ci(ci: Sequence[Any] | None) -> str:
-    """A 95% CI as one cell, ``[0.712, 0.854]`` (empty when there is none)."""
+    """A 95% CI as one cell, ``[0.712, 0.854]`` (empty when there is none): 3 decimals for the metrics'
+    scale (AUC, Brier, differences within ±1), as papers print them, so a row of CIs fits 80 columns."""
     if not ci or ci[0] is None or ci[1] is None or ci[0] != ci[0] or ci[1] != ci[1]:
         return ""
-    return f"[{format_float(float(ci[0]))}, {format_float(float(ci[1]))}]"
+    lo, hi = float(ci[0]), float(ci[1])
+    if max(abs(lo), abs(hi)) < 10:
+        return f"[{lo:.3f}, {hi:.3f}]"
+    return f"[{format_float(lo)}, {format_float(hi)}]"
 
 
 def _note(message: str) -> None:
