@@ -317,11 +317,15 @@ def predict(
         for r in result.predictions
     ]
     thr = ", ".join(f"{k} {v:.3f}" for k, v in result.thresholds.items())
+    points = list(result.thresholds)
+    table = [{"image": r.path, "P": r.probability, **{k: r.decisions.get(k) for k in points}, "error": r.error}
+             for r in result.predictions]  # fmt: skip
     emit_result(
         result,
         rows,
         spec,
-        title=f"{result.classifier} ({result.target}), run {result.run_id}; thresholds: {thr}",
+        table=(table, ("image", "P", *points, "error")),
+        title=f"{result.classifier}: P({result.target}) and the call at each operating point (thresholds: {thr})",
     )
     failed = sum(r.error is not None for r in result.predictions)
     if failed:
