@@ -6,14 +6,21 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from cxr_embed_cli.classify_cmds import study_rows
+from cxr_embed_cli.classify_cmds import emit_study, study_rows
 from cxr_embed_cli.output import (
+    FormatOpt,
     JsonOpt,
     ModelDirOpt,
-    emit_json,
+    OutOpt,
+    OutputSpec,
+    QuietOpt,
+    WideOpt,
+    emit_record,
+    emit_rows,
     handle_errors,
     info,
-    print_table,
+    quiet_progress,
+    resolve_output,
     stderr,
     stdout,
 )
@@ -29,7 +36,9 @@ def demo(
     out: Annotated[
         Path, typer.Option("--dir", "-d", help="Folder for the dataset, the store and the fine-tuning run.")
     ] = Path("cxr-embed-demo"),
-    n: Annotated[int, typer.Option("--n", "-n", help="Number of synthetic images (at least 40).", min=1)] = 200,
+    n: Annotated[
+        int, typer.Option("--n", "-n", help="Number of synthetic images (at least 40).", min=1)
+    ] = 200,
     seed: Annotated[int, typer.Option("--seed", help="Random seed of the dataset, folds and training.")] = 0,
     skip_finetune: Annotated[
         bool, typer.Option("--skip-finetune", help="Skip the fine-tuning stage (the slowest one).")
@@ -45,7 +54,11 @@ def demo(
     ] = False,
     model_dir: ModelDirOpt = None,
     force: Annotated[bool, typer.Option("--force", help="Replace a previous demo in --dir.")] = False,
+    fmt: FormatOpt = None,
+    out_file: OutOpt = None,
+    wide: WideOpt = False,
     json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
 ) -> None:
     """Run everything offline on synthetic chest X-rays: synth → index → classify → fine-tune → study → search → SQL.
 
@@ -58,49 +71,85 @@ def demo(
     take a few minutes on 2 CPU cores. Leaves a store that `cxr-embed sql`, `cxr-embed search`
     and the notebooks in notebooks/ read.
     """
+    quiet_progress(quiet)
     from cxr_embed.demo import DemoConfig, run_demo
 
+    spec = resolve_output(fmt, out_file, as_json=json_out, wide=wide)
     config = DemoConfig(
-        out=out, n=n, seed=seed, model_dir=model_dir, finetune=not skip_finetune, finetune_epochs=epochs,
-        notebooks=notebooks, force=force, progress=not json_out,
+        out=out,
+        n=n,
+        seed=seed,
+        model_dir=model_dir,
+        finetune=not skip_finetune,
+        finetune_epochs=epochs,
+        notebooks=notebooks,
+        force=force,
+        progress=True,
     )
     result = run_demo(config, log=_log)
-    if json_out:
-        emit_json(result)
-        return
-    print_result(result)
+    if spec.fmt == "json":
+        emit_record(result, [], spec)
+    elif spec.fmt != "table":  # files and pipes: the study table at full precision (the report is for people)
+        emit_study(study_rows(result.study_table), spec, "")
+    else:
+        print_result(result, spec)
 
 
-def print_result(result) -> None:
+DEMO_STUDY = (
+    "arm",
+    "roc_auc",
+    "95% CI",
+    "ΔAUC",
+    "ΔAUC 95% CI",
+    "DeLong p",
+    "brier",
+    "ece",
+    "accuracy",
+    "f1",
+)
+
+
+def print_result(result, spec: OutputSpec | None = None) -> None:
     """The demo's human-readable report of a :class:`cxr_embed.demo.DemoResult` (stdout; reminders on stderr)."""
+    spec = spec or OutputSpec("table")
     stdout.print()
-    print_table(
+    emit_study(
         study_rows(result.study_table),
-        columns=("arm", "classifier", "ROC-AUC [95% CI]", "accuracy", "F1", "Brier [95% CI]", "ΔAUC vs ref [95% CI]",
-                 "DeLong p"),
-        title=f"Normal vs Abnormal on the same {result.n_test_images} test images ({result.n_test_patients} patients, "
+        spec,
+        f"Normal vs Abnormal on the same {result.n_test_images} test images ({result.n_test_patients} patients, "
         f"plan {result.plan_id}); 95% CIs resample patients; paired vs {result.reference} (DeLong p)",
+        columns=DEMO_STUDY,
     )
     for s in result.search:
-        print_table(
+        emit_rows(
             [{**nb, "findings": ", ".join(nb["findings"])} for nb in s["neighbors"]],
+            spec,
             title=f"Similar cases for {s['query']!r} (kNN-vote P(abnormal) = {_fmt(s['probability_abnormal'])})",
             columns=("rank", "image_id", "patient_id", "label", "findings", "similarity"),
         )
-    stdout.print("\n[bold]Explore the results with SQL[/] (views: images, embeddings, study, latest_metrics, "
-                 "latest_predictions, predictions, metrics, runs, splits, errors):")
+    stdout.print(
+        "\n[bold]Explore the results with SQL[/] (views: images, embeddings, study, latest_metrics, "
+        "latest_predictions, predictions, metrics, runs, splits, errors):"
+    )
     for ex in result.sql_examples:
         stdout.print(f"\n# {ex.title}", highlight=False)
         stdout.print(ex.command, highlight=False, markup=False, soft_wrap=True)
     stdout.print(
         f"\nSearch: cxr-embed search --store {result.store} --id {result.search[0]['query']} -k 5 --exclude-same-patient"
         f"\nNotebooks: {result.notebooks_command}",
-        highlight=False, markup=False,
+        highlight=False,
+        markup=False,
     )
     for nb in result.notebooks:
-        stdout.print(f"Executed {nb['executed']} ({nb['seconds']:.0f} s): {len(nb['figures'])} figure(s)", highlight=False)
-    stdout.print(f"\nDone in {result.timings['total']:.0f} s: " + ", ".join(
-        f"{k} {v:.0f} s" for k, v in result.timings.items() if k != "total"), highlight=False)
+        stdout.print(
+            f"Executed {nb['executed']} ({nb['seconds']:.0f} s): {len(nb['figures'])} figure(s)",
+            highlight=False,
+        )
+    stdout.print(
+        f"\nDone in {result.timings['total']:.0f} s: "
+        + ", ".join(f"{k} {v:.0f} s" for k, v in result.timings.items() if k != "total"),
+        highlight=False,
+    )
     for notice in result.notices:
         stderr.print(f"[bold yellow]Reminder:[/] {notice.removeprefix('NOTICE: ')}", highlight=False)
 

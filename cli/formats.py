@@ -32,6 +32,7 @@ import csv
 import dataclasses
 import json
 import math
+import re
 import shutil
 import sys
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -395,9 +396,10 @@ def _print_table(
     from rich.text import Text
 
     widest = [max([len(r[i]) for r in cells], default=0) for i in range(len(names))]
+    whole = [num or _all_intervals([r[i] for r in cells]) for i, num in enumerate(numeric)]
     least = [
-        max(w, min(len(n), _HEADER_MIN_WIDTH), 1) if num else max(min(max(w, len(n)), _TEXT_MIN_WIDTH), 1)
-        for n, w, num in zip(names, widest, numeric, strict=True)
+        max(w, min(len(n), _HEADER_MIN_WIDTH), 1) if keep else max(min(max(w, len(n)), _TEXT_MIN_WIDTH), 1)
+        for n, w, keep in zip(names, widest, whole, strict=True)
     ]
     most = [max(w, len(n), 1) for n, w in zip(names, widest, strict=True)]
     width = shutil.get_terminal_size((120, 24)).columns
@@ -411,14 +413,27 @@ def _print_table(
             f"{len(dropped)} column(s) left out to fit {width} columns ({', '.join(dropped)}): use --wide, "
             "or --format tsv/json/…"
         )
-    table = Table(title=Text(title) if title else None, box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
+    # the title is its own line: as a rich table title it would be wrapped to the table's width
+    table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
     for i in keep:
         table.add_column(
             Text(names[i]), justify="right" if numeric[i] else "left", width=widths[i], overflow="fold"
         )
     for row in cells:
         table.add_row(*[Text(row[i]) for i in keep])
-    Console(width=width, soft_wrap=False, highlight=False, markup=False, emoji=False).print(table)
+    console = Console(width=width, soft_wrap=False, highlight=False, markup=False, emoji=False)
+    if title:
+        console.print(Text(title))
+    console.print(table)
+
+
+_INTERVAL = re.compile(r"^\[-?[\d.e+-]+, -?[\d.e+-]+\]$")
+
+
+def _all_intervals(column: Sequence[str]) -> bool:
+    """A text column of ``[lo, hi]`` CIs (see :func:`format_ci`): kept whole like a number, never folded."""
+    shown = [c for c in column if c]
+    return bool(shown) and all(_INTERVAL.match(c) or c == "reference" for c in shown)
 
 
 def _layout(least: Sequence[int], most: Sequence[int], width: int) -> dict[int, int]:
@@ -471,6 +486,38 @@ def emit_record(
     shown = format_cell if spec.fmt == "table" else _text
     rows = [{"field": k, "value": shown(to_jsonable(v))} for k, v in pairs]
     emit_rows(rows, spec, columns=("field", "value"), title=title)
+
+
+def emit_result(
+    obj: Any,
+    rows: Any,
+    spec: OutputSpec,
+    *,
+    columns: Sequence[str] | None = None,
+    table: tuple[Sequence[Mapping[str, Any]], Sequence[str]] | None = None,
+    title: str | None = None,
+) -> None:
+    """A command's result that is both a report and a table (``classify``, ``study``, ``predict``):
+    ``--format json`` prints ``obj`` whole (its historic shape), the other formats its ``rows`` at full
+    precision, and a terminal table shows ``table`` = (rows, columns) when given: the same rows made to
+    fit 80 columns (a CI as one ``[lo, hi]`` cell, short headers)."""
+    if spec.fmt == "json":
+        emit_record(obj, [], spec)
+    elif spec.fmt == "table" and table is not None:
+        emit_rows(list(table[0]), spec, columns=table[1], title=title)
+    else:
+        emit_rows(rows, spec, columns=columns, title=title)
+
+
+def format_ci(ci: Sequence[Any] | None) -> str:
+    """A 95% CI as one cell, ``[0.712, 0.854]`` (empty when there is none): 3 decimals for the metrics'
+    scale (AUC, Brier, differences within ±1), as papers print them, so a row of CIs fits 80 columns."""
+    if not ci or ci[0] is None or ci[1] is None or ci[0] != ci[0] or ci[1] != ci[1]:
+        return ""
+    lo, hi = float(ci[0]), float(ci[1])
+    if max(abs(lo), abs(hi)) < 10:
+        return f"[{lo:.3f}, {hi:.3f}]"
+    return f"[{format_float(lo)}, {format_float(hi)}]"
 
 
 def _note(message: str) -> None:

@@ -23,6 +23,7 @@ from cxr_embed_cli.output import (
     handle_errors,
     info,
     resolve_output,
+    warn,
 )
 from cxr_embed_cli.reader_opts import with_reader_options
 
@@ -32,7 +33,12 @@ store_app = typer.Typer(help="Inspect and check an embedding store.", no_args_is
 @handle_errors
 @with_reader_options
 def index_cmd(
-    source: Annotated[Path, typer.Argument(help="Dataset: a ChestX-ray14 folder (or its Data_Entry CSV), an image folder or a DICOM folder.")],
+    source: Annotated[
+        Path,
+        typer.Argument(
+            help="Dataset: a ChestX-ray14 folder (or its Data_Entry CSV), an image folder or a DICOM folder."
+        ),
+    ],
     store: StoreOpt,
     dataset: Annotated[str, typer.Option("--dataset", help="auto, chestxray14, folder or dicom.")] = "auto",
     model_dir: ModelDirOpt = None,
@@ -40,27 +46,57 @@ def index_cmd(
     precision: PrecisionOpt = "fp32",
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per forward pass.")] = 32,
     workers: Annotated[
-        int | None, typer.Option("--workers", min=0, help="Decode worker processes (0: in the main process). Default: most cores on GPU, a few on CPU.")
+        int | None,
+        typer.Option(
+            "--workers",
+            min=0,
+            help="Decode worker processes (0: in the main process). Default: most cores on GPU, a few on CPU.",
+        ),
     ] = None,
-    limit: Annotated[int | None, typer.Option("--limit", min=0, help="Only the first N images of the dataset listing.")] = None,
-    shard_size: Annotated[int, typer.Option("--shard-size", min=1, help="Rows per committed Parquet shard (the unit of crash safety).")] = 4096,
+    limit: Annotated[
+        int | None, typer.Option("--limit", min=0, help="Only the first N images of the dataset listing.")
+    ] = None,
+    shard_size: Annotated[
+        int,
+        typer.Option(
+            "--shard-size", min=1, help="Rows per committed Parquet shard (the unit of crash safety)."
+        ),
+    ] = 4096,
     index: Annotated[
         str | None,
-        typer.Option("--index", help="FAISS index: flat (exact), ivf, hnsw, ivfpq or auto (flat, IVF above 250k rows). Default: auto for a new store, else the store's current choice."),
+        typer.Option(
+            "--index",
+            help="FAISS index: flat (exact), ivf, hnsw, ivfpq or auto (flat, IVF above 250k rows). Default: auto for a new store, else the store's current choice.",
+        ),
     ] = None,
-    engine: Annotated[str, typer.Option("--engine", help="local (DataLoader workers + one device) or ray (a cluster).")] = "local",
+    engine: Annotated[
+        str, typer.Option("--engine", help="local (DataLoader workers + one device) or ray (a cluster).")
+    ] = "local",
     address: Annotated[
         str | None,
-        typer.Option("--address", help="--engine ray: cluster address (auto, host:6379 or ray://host:10001). Default: $RAY_ADDRESS, else a new local Ray."),
+        typer.Option(
+            "--address",
+            help="--engine ray: cluster address (auto, host:6379 or ray://host:10001). Default: $RAY_ADDRESS, else a new local Ray.",
+        ),
     ] = None,
     gpus_per_worker: Annotated[
-        float | None, typer.Option("--gpus-per-worker", min=0, help="--engine ray: GPUs per model actor (default 1 when the cluster has GPUs).")
+        float | None,
+        typer.Option(
+            "--gpus-per-worker",
+            min=0,
+            help="--engine ray: GPUs per model actor (default 1 when the cluster has GPUs).",
+        ),
     ] = None,
     cpus_per_worker: Annotated[
-        float, typer.Option("--cpus-per-worker", min=0.01, help="--engine ray: CPUs per decode task / model actor.")
+        float,
+        typer.Option("--cpus-per-worker", min=0.01, help="--engine ray: CPUs per decode task / model actor."),
     ] = 1.0,
     prune: Annotated[
-        bool, typer.Option("--prune", help="Remove stored rows whose image the source no longer lists (default: only report them).")
+        bool,
+        typer.Option(
+            "--prune",
+            help="Remove stored rows whose image the source no longer lists (default: only report them).",
+        ),
     ] = False,
     fmt: FormatOpt = None,
     out: OutOpt = None,
@@ -78,29 +114,47 @@ def index_cmd(
     preprocessing is refused. DICOM folders are de-identified (keyed pseudonyms, no path, no date)
     and only chest radiographs are taken: see the "Reading the dataset" options.
     """
-    from cxr_embed.errors import InputError
     from cxr_embed.job import IndexConfig, run_index
 
-    config = IndexConfig(dataset=dataset, model_dir=model_dir, device=device, precision=precision, batch_size=batch_size,
-                         workers=workers, limit=limit, shard_size=shard_size, index=index, engine=engine,
-                         ray_address=address, gpus_per_worker=gpus_per_worker, cpus_per_worker=cpus_per_worker,
-                         prune=prune, reader_options=reader_options or {}, link_file=link_file)
+    config = IndexConfig(
+        dataset=dataset,
+        model_dir=model_dir,
+        device=device,
+        precision=precision,
+        batch_size=batch_size,
+        workers=workers,
+        limit=limit,
+        shard_size=shard_size,
+        index=index,
+        engine=engine,
+        ray_address=address,
+        gpus_per_worker=gpus_per_worker,
+        cpus_per_worker=cpus_per_worker,
+        prune=prune,
+        reader_options=reader_options or {},
+        link_file=link_file,
+    )
     spec = resolve_output(fmt, out, as_json=json_out, wide=wide)
-    summary = run_index(source, store, config, progress=not quiet)
-    if summary.listed == 0:
-        raise InputError(_nothing_found(source, dataset), str(source))
+    summary = run_index(source, store, config, progress=not quiet)  # an empty source: InputError, no store
     emit_record(
         summary,
         [
             ("store", summary.store),
             ("listed", summary.listed),
+            ("stored", summary.stored),
             ("already stored", summary.already_stored),
             ("embedded", summary.embedded),
+            ("failed", summary.failed),
+            *(
+                (f"failed.{stage}", n)
+                for stage, n in sorted(summary.failures_by_stage.items())
+                if stage not in summary.skipped
+            ),
+            ("skipped", sum(summary.skipped.values())),
+            *((f"skipped.{reason}", n) for reason, n in summary.skipped.items()),
             ("updated", summary.updated),
             ("missing from source", summary.missing_from_source),
             ("pruned", summary.pruned),
-            ("failed", summary.failed),
-            *((f"failed.{stage}", n) for stage, n in sorted(summary.failures_by_stage.items())),
             ("rows in store", summary.rows),
             ("index", summary.index_kind),
             ("images/s", summary.images_per_s),
@@ -108,36 +162,31 @@ def index_cmd(
             ("model", f"{summary.model_id} on {summary.device} ({summary.precision})"),
         ],
         spec,
-        title="cxr-embed index",
+        title="cxr-embed index: listed = stored + failed + skipped",
     )
     for note in summary.notes:
         info(note)
+    if not summary.balanced:
+        warn(
+            f"listed {summary.listed} != stored {summary.stored} + failed {summary.failed} + skipped "
+            f"{sum(summary.skipped.values())}: please report this (an input went missing from the accounting)."
+        )
     if summary.failed:
         if not quiet:
-            info(f"{summary.failed} input(s) failed; see `cxr-embed sql --store {summary.store} \"SELECT * FROM errors\"`.")
+            info(
+                f'{summary.failed} input(s) failed; see `cxr-embed sql --store {summary.store} "SELECT * FROM errors"`.'
+            )
         raise typer.Exit(EXIT_PARTIAL)
-
-
-def _nothing_found(source: Path, dataset: str) -> str:
-    """What an empty listing looked for, so the user can tell a wrong path from a wrong --dataset."""
-    from cxr_embed.imageio import DICOM_SUFFIXES
-    from cxr_embed.readers.folder import IMAGE_SUFFIXES
-
-    looked = {
-        "chestxray14": "a ChestX-ray14 Data_Entry CSV and its PNG images",
-        "dicom": f"DICOM files ({', '.join(DICOM_SUFFIXES)} or DICM-tagged)",
-        "folder": f"image files ({', '.join(IMAGE_SUFFIXES)})",
-    }.get(dataset, f"a ChestX-ray14 CSV, DICOM files or image files ({', '.join(IMAGE_SUFFIXES)})")
-    return (
-        f"No images found in {source} (--dataset {dataset}): looked for {looked} in the folder and its "
-        "subfolders. Check the path, or name the layout with --dataset."
-    )
 
 
 @store_app.command("info")
 @handle_errors
 def info_cmd(
-    store: StoreOpt, fmt: FormatOpt = None, out: OutOpt = None, json_out: JsonOpt = False, wide: WideOpt = False
+    store: StoreOpt,
+    fmt: FormatOpt = None,
+    out: OutOpt = None,
+    json_out: JsonOpt = False,
+    wide: WideOpt = False,
 ) -> None:
     """Counts, model identity, index kind and an errors summary of a store."""
     spec = resolve_output(fmt, out, as_json=json_out, wide=wide)
@@ -170,7 +219,11 @@ def info_cmd(
 @store_app.command("validate", epilog="Exit codes: 0 every check passed; 1 a check failed or an error.")
 @handle_errors
 def validate_cmd(
-    store: StoreOpt, fmt: FormatOpt = None, out: OutOpt = None, json_out: JsonOpt = False, wide: WideOpt = False
+    store: StoreOpt,
+    fmt: FormatOpt = None,
+    out: OutOpt = None,
+    json_out: JsonOpt = False,
+    wide: WideOpt = False,
 ) -> None:
     """Check shards, row_ids, model identity and that the FAISS index holds exactly the Parquet vectors.
 
@@ -184,7 +237,9 @@ def validate_cmd(
 
     report = validate_store(store)
     if spec.fmt == "json":
-        emit_record({"path": report.path, "ok": report.ok, "rows": report.rows, "checks": report.checks}, [], spec)
+        emit_record(
+            {"path": report.path, "ok": report.ok, "rows": report.rows, "checks": report.checks}, [], spec
+        )
     else:
         emit_rows(
             [{"check": c.name, "status": c.status, "detail": c.detail} for c in report.checks],
@@ -198,7 +253,9 @@ def validate_cmd(
         info(f"{report.path}: {'OK' if report.ok else 'FAILED'}")
     if not report.ok:
         failed = sum(c.status == "fail" for c in report.problems)
-        raise StoreDamagedError(f"store {report.path} failed {failed} check(s); see the lines above for what to do.")
+        raise StoreDamagedError(
+            f"store {report.path} failed {failed} check(s); see the lines above for what to do."
+        )
 
 
 def register(app: typer.Typer) -> None:

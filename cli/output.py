@@ -27,8 +27,10 @@ from cxr_embed_cli.formats import (
     FORMATS,
     OutputSpec,
     emit_record,
+    emit_result,
     emit_rows,
     format_cell,
+    format_ci,
     format_float,
     resolve_output,
     to_jsonable,
@@ -49,14 +51,17 @@ __all__ = [
     "OutputSpec",
     "emit_json",
     "emit_record",
+    "emit_result",
     "emit_rows",
     "error",
     "format_cell",
+    "format_ci",
     "format_float",
     "handle_errors",
     "info",
     "print_fields",
     "print_table",
+    "quiet_progress",
     "resolve_output",
     "to_jsonable",
     "one_line_warnings",
@@ -98,11 +103,28 @@ OutOpt = Annotated[
 WideOpt = Annotated[
     bool, typer.Option("--wide", help="Show every table column even when wider than the terminal.")
 ]
-QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or log lines on stderr.")]
+QuietOpt = Annotated[
+    bool, typer.Option("--quiet", "-q", help="No progress bars on stderr (same as cxr-embed -q).")
+]
+
+
+def quiet_progress(quiet: bool) -> None:
+    """``--quiet`` on a command: every progress bar of this run off (as the global ``cxr-embed -q``)."""
+    if quiet:
+        from cxr_embed.progress import silence
+
+        silence()
+
+
 BatchSizeOpt = Annotated[int, typer.Option("--batch-size", min=1, help="Images per forward pass.")]
 StoreOpt = Annotated[
     str,  # not Path: Path("s3://b/x") would become the local folder "s3:/b/x" and skip the object-store refusal
-    typer.Option("--store", "-s", help="Store directory or file:// URI (made by `cxr-embed index`).", envvar="CXR_EMBED_STORE"),
+    typer.Option(
+        "--store",
+        "-s",
+        help="Store directory or file:// URI (made by `cxr-embed index`).",
+        envvar="CXR_EMBED_STORE",
+    ),
 ]
 ModelDirOpt = Annotated[
     Path | None,

@@ -5,7 +5,17 @@ from __future__ import annotations
 from typing import Annotated
 
 import typer
-from cxr_embed_cli.output import JsonOpt, StoreOpt, emit_json, handle_errors, info, print_fields
+from cxr_embed_cli.output import (
+    FormatOpt,
+    JsonOpt,
+    OutOpt,
+    StoreOpt,
+    WideOpt,
+    emit_record,
+    handle_errors,
+    info,
+    resolve_output,
+)
 
 
 @handle_errors
@@ -23,7 +33,10 @@ def delete_cmd(
         typer.Option("--where", help="Remove the rows matching this SQL condition on the images view."),
     ] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Only count what would be removed.")] = False,
+    fmt: FormatOpt = None,
+    out: OutOpt = None,
     json_out: JsonOpt = False,
+    wide: WideOpt = False,
 ) -> None:
     """Remove rows everywhere the store keeps them (shards, FAISS index, errors, result tables, caches).
 
@@ -33,11 +46,10 @@ def delete_cmd(
     """
     from cxr_embed.store import delete_rows
 
+    spec = resolve_output(fmt, out, as_json=json_out, wide=wide)
     result = delete_rows(store, patients=patient or [], images=image or [], where=where, dry_run=dry_run)
-    if json_out:
-        emit_json(result)
-        return
-    print_fields(
+    emit_record(
+        result,
         [
             ("store", result.store),
             ("condition", result.condition),
@@ -46,6 +58,7 @@ def delete_cmd(
             ("removed rows", result.removed_rows),
             ("rows left", result.rows_left),
         ],
+        spec,
         title="cxr-embed store delete" + (" (dry run: nothing removed)" if result.dry_run else ""),
     )
     if result.removed_rows:
@@ -58,42 +71,51 @@ def compact_cmd(
     target_rows: Annotated[
         int, typer.Option("--target-rows", min=1, help="Merge consecutive shards up to this many rows.")
     ] = 4096,
+    fmt: FormatOpt = None,
+    out: OutOpt = None,
     json_out: JsonOpt = False,
+    wide: WideOpt = False,
 ) -> None:
     """Merge small shards (left by many short index runs or deletes) into larger ones; rows and index unchanged."""
     from cxr_embed.store import compact_store
 
+    spec = resolve_output(fmt, out, as_json=json_out, wide=wide)
     result = compact_store(store, target_rows=target_rows)
-    if json_out:
-        emit_json(result)
-        return
-    print_fields(
+    emit_record(
+        result,
         [
             ("store", result.store),
             ("shards before", result.shards_before),
             ("shards after", result.shards_after),
             ("rows", result.rows),
         ],
+        spec,
         title="cxr-embed store compact",
     )
 
 
 @handle_errors
-def migrate_cmd(store: StoreOpt, json_out: JsonOpt = False) -> None:
+def migrate_cmd(
+    store: StoreOpt,
+    fmt: FormatOpt = None,
+    out: OutOpt = None,
+    json_out: JsonOpt = False,
+    wide: WideOpt = False,
+) -> None:
     """Upgrade a store made by an older cxr-embed (schema version 1) in place: record every file's sha256."""
     from cxr_embed.store import migrate_store
 
+    spec = resolve_output(fmt, out, as_json=json_out, wide=wide)
     result = migrate_store(store)
-    if json_out:
-        emit_json(result)
-        return
-    print_fields(
+    emit_record(
+        result,
         [
             ("store", result.store),
             ("from version", result.from_version),
             ("to version", result.to_version),
             ("files hashed", result.files_hashed),
         ],
+        spec,
         title="cxr-embed store migrate",
     )
     if result.files_hashed:

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from cxr_embed_cli.output import JsonOpt, emit_json, handle_errors, info, print_table
+from cxr_embed_cli.output import FormatOpt, JsonOpt, WideOpt, emit_record, handle_errors, info, resolve_output
 
 
 def register(app: typer.Typer) -> None:
@@ -16,7 +16,7 @@ def register(app: typer.Typer) -> None:
 
 @handle_errors
 def synth(
-    out: Annotated[Path, typer.Argument(help="Folder to write the dataset into (created if needed).")],
+    folder: Annotated[Path, typer.Argument(help="Folder to write the dataset into (created if needed).")],
     n: Annotated[int, typer.Option("--n", "-n", help="Number of images.", min=1)] = 200,
     layout: Annotated[
         str,
@@ -28,7 +28,9 @@ def synth(
     ] = "chestxray14",
     seed: Annotated[int, typer.Option("--seed", help="Random seed: the same seed gives the same files.")] = 0,
     size: Annotated[int, typer.Option("--size", help="Image side in pixels (ChestX-ray14: 1024).")] = 1024,
+    fmt: FormatOpt = None,
     json_out: JsonOpt = False,
+    wide: WideOpt = False,
 ) -> None:
     """Write synthetic chest radiographs with visible findings, half of them abnormal.
 
@@ -39,16 +41,16 @@ def synth(
     """
     from cxr_embed.synth import generate
 
-    info(f"Writing {n} synthetic {size}x{size} radiographs ({layout} layout) to {out} …")
-    result = generate(out, n, layout=layout, seed=seed, size=size)
-    if json_out:
-        emit_json(result)
-        return
-    rows = [
-        {"what": "images", "value": result.n_images},
-        {"what": "patients", "value": result.n_patients},
-        {"what": "abnormal", "value": result.n_abnormal},
-        {"what": "test split", "value": result.n_test},
+    spec = resolve_output(fmt, None, as_json=json_out, wide=wide)
+    info(f"Writing {n} synthetic {size}x{size} radiographs ({layout} layout) to {folder} …")
+    result = generate(folder, n, layout=layout, seed=seed, size=size)
+    pairs = [
+        ("folder", result.out),
+        ("layout", result.layout),
+        ("images", result.n_images),
+        ("patients", result.n_patients),
+        ("abnormal", result.n_abnormal),
+        ("test split", result.n_test),
+        *((f"finding.{name}", count) for name, count in result.finding_counts.items() if count),
     ]
-    rows += [{"what": f"  {name}", "value": count} for name, count in result.finding_counts.items() if count]
-    print_table(rows, title=f"synthetic {result.layout} dataset in {result.out}")
+    emit_record(result, pairs, spec, title="cxr-embed synth")

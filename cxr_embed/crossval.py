@@ -198,6 +198,7 @@ def cross_validate(
                     f"{name}, {len(warnings)} warning(s) over {len(folds)} fold(s), e.g.: {warnings[0]}"
                 ]
             fold_local = np.searchsorted([f.index for f in folds], fold_of[test_idx])
+            bar.note(f"{name} pooled bootstrap ×{n_boot}")
             pooled = pooled_metrics(
                 y[test_idx], prob[test_idx], fold_local, thresholds, n_boot, seed, groups[test_idx]
             )

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 from cxr_embed.errors import DependencyError
 from cxr_embed.pipeline import Engine, IndexConfig, IndexSummary, list_for_job, run_job
-from cxr_embed.store import StoreLock, recorded_model_dir
+from cxr_embed.store import StoreLock, local_store_path, recorded_model_dir
 
 if TYPE_CHECKING:
     from cxr_embed.model import MedImageInsight
@@ -40,18 +40,30 @@ def run_index(
     config = config or IndexConfig()
     config.check()
     start = time.perf_counter()
+    fresh = not local_store_path(store_dir).exists()
     lock = StoreLock(store_dir).acquire()  # before the model loads: a second writer is refused at once
     if model is None and config.model_dir is None:  # a rerun finds the model the store was made with
         config = dataclasses.replace(config, model_dir=recorded_model_dir(store_dir))
     try:
         # listing first: a wrong de-identification key or bad reader option is refused before the model loads
-        listing = list_for_job(source, store_dir, config, progress)
+        listing = list_for_job(source, store_dir, config, progress)  # InputError when the source is empty
         engine = make_engine(config, model)
     except BaseException:
         lock.release()
+        if fresh:  # refused before any write: leave no half-made store folder behind (only the lock is there)
+            _remove_lock_only_folder(local_store_path(store_dir))
         raise
     with lock:
         return run_job(engine, source, store_dir, config, progress, lock=lock, start=start, listing=listing)
+
+
+def _remove_lock_only_folder(folder: Path) -> None:
+    """Remove ``folder`` when the lock file is all it holds (this run made it and wrote nothing else)."""
+    from cxr_embed.store.layout import LOCK_FILE
+
+    if folder.is_dir() and {p.name for p in folder.iterdir()} <= {LOCK_FILE}:
+        (folder / LOCK_FILE).unlink(missing_ok=True)
+        folder.rmdir()
 
 
 def make_engine(config: IndexConfig, model: MedImageInsight | None = None) -> Engine:

@@ -37,9 +37,9 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from cxr_embed.errors import ConfigError
+from cxr_embed.errors import ConfigError, InputError
 from cxr_embed.indexes import resolve_kind
-from cxr_embed.listing import Listing, failure_for, list_source
+from cxr_embed.listing import Listing, accounting, failure_for, list_source
 from cxr_embed.progress import Progress, progress_bar
 from cxr_embed.records import ImageRecord, ReadFailure
 from cxr_embed.store import CACHE_DIR, Store, StoreLock, StoreWriter, local_store_path
@@ -106,11 +106,11 @@ class IndexSummary:
     model_id: str
     device: str
     precision: str
-    listed: int  # images the reader found (after --limit)
+    listed: int  # inputs the reader saw (after --limit): listed = stored + failed + sum(skipped)
     already_stored: int  # skipped because a previous run stored them
     embedded: int  # new rows committed by this run
-    failed: int  # inputs that failed in this run (reader + decode + encode)
-    failures_by_stage: dict[str, int]
+    failed: int  # inputs that failed in this run for a fault (unreadable, bad pixels, encode); exit code 2
+    failures_by_stage: dict[str, int]  # every input errors.parquet got this run, faults and skips, by stage
     rows: int  # rows in the store now
     errors_in_store: int  # rows of errors.parquet now
     index_kind: str | None
@@ -122,6 +122,9 @@ class IndexSummary:
     updated: int = 0  # stored rows whose metadata changed in the source (rewritten, not re-embedded)
     missing_from_source: int = 0  # stored rows whose image the source no longer lists
     pruned: int = 0  # of those, removed (--prune)
+    stored: int = 0  # listed inputs the store holds after the run (already_stored + embedded)
+    skipped: dict[str, int] = field(default_factory=dict)  # decisions, not faults (out_of_scope, duplicate, …)
+    balanced: bool = True  # listed == stored + failed + sum(skipped): False would mean an input went missing
 
 
 @dataclass(frozen=True)
@@ -203,8 +206,8 @@ def run_job(
         engine.identity.model_id,
         device,
         engine.precision,
-        listed=len(records),
-        pending=len(todo),
+        listed=len({r.stored_path or r.path for r in records}) + len(listing.failures),
+        already_stored=len(records) - len(todo),
         writer=writer,
         failures=listing.failures + sink.failures,
         start=start,
@@ -215,9 +218,32 @@ def run_job(
 
 
 def list_for_job(source: str | Path, store_dir: str | Path, config: IndexConfig, progress: bool) -> Listing:
-    """The listing stage: the reader with the job's options, the store's listing cache and link file."""
-    return list_source(source, config.dataset, options=config.reader_options, link_file=config.link_file,
-                       cache_dir=local_store_path(store_dir) / CACHE_DIR, progress=progress)
+    """The listing stage: the reader with the job's options, the store's listing cache and link file.
+
+    Raises InputError when the source lists nothing at all (a wrong path or --dataset), before any
+    store is written: an empty store would only hide the mistake.
+    """
+    listing = list_source(source, config.dataset, options=config.reader_options, link_file=config.link_file,
+                          cache_dir=local_store_path(store_dir) / CACHE_DIR, progress=progress)
+    if listing.listed == 0:
+        raise InputError(nothing_found(source, config.dataset), str(source))
+    return listing
+
+
+def nothing_found(source: str | Path, dataset: str) -> str:
+    """What an empty listing looked for, so the user can tell a wrong path from a wrong --dataset."""
+    from cxr_embed.imageio import DICOM_SUFFIXES
+    from cxr_embed.readers.folder import IMAGE_SUFFIXES
+
+    looked = {
+        "chestxray14": "a ChestX-ray14 Data_Entry CSV and its PNG images",
+        "dicom": f"DICOM files ({', '.join(DICOM_SUFFIXES)} or DICM-tagged)",
+        "folder": f"image files ({', '.join(IMAGE_SUFFIXES)})",
+    }.get(dataset, f"a ChestX-ray14 CSV, DICOM files or image files ({', '.join(IMAGE_SUFFIXES)})")
+    return (
+        f"No images found in {source} (--dataset {dataset}): looked for {looked} in the folder and its "
+        "subfolders. Check the path, or name the layout with --dataset."
+    )
 
 
 def open_writer(
@@ -246,7 +272,7 @@ def summarize(
     precision: str,
     *,
     listed: int,
-    pending: int,
+    already_stored: int,
     writer: StoreWriter,
     failures: list[ReadFailure],
     start: float,
@@ -254,7 +280,14 @@ def summarize(
     engine: str,
     notes: list[str] | None = None,
 ) -> IndexSummary:
-    """The final summary of one run, the same for every engine."""
+    """The final summary of one run, the same for every engine.
+
+    ``listed``: inputs seen after --limit (:attr:`Listing.listed` without --limit); ``already_stored``:
+    listed records a previous run stored; ``failures``: the listing's and the engine's. States
+    ``listed = stored + failed + skipped(reason)`` (:func:`cxr_embed.listing.accounting`).
+    """
+    by_stage = dict(Counter(f.stage for f in failures))
+    books = accounting(listed, already_stored + writer.rows_added, by_stage)
     return IndexSummary(
         store=str(store.path),
         source=str(source),
@@ -262,10 +295,10 @@ def summarize(
         device=device,
         precision=precision,
         listed=listed,
-        already_stored=listed - pending,
+        already_stored=already_stored,
         embedded=writer.rows_added,
-        failed=len(failures),
-        failures_by_stage=dict(Counter(f.stage for f in failures)),
+        failed=books["failed"],
+        failures_by_stage=by_stage,
         rows=len(store),
         errors_in_store=store.errors().num_rows,
         index_kind=store.index_kind,
@@ -279,6 +312,9 @@ def summarize(
         updated=writer.reconciled.updated,
         missing_from_source=writer.reconciled.missing_from_source,
         pruned=writer.reconciled.pruned,
+        stored=books["stored"],
+        skipped=books["skipped"],
+        balanced=books["balanced"],
     )
 
 

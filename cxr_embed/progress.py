@@ -16,14 +16,14 @@ from rich.console import Console
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
-    TaskProgressColumn,
     TextColumn,
-    TimeElapsedColumn,
     TimeRemainingColumn,
 )
 from rich.progress import Progress as _RichProgress
 
 stderr_console = Console(stderr=True)
+BAR_WIDTH = 12
+"""Narrow, so that a bar with its count, rate, time left and note fits an 80-column terminal."""
 _silenced = False
 
 
@@ -67,13 +67,11 @@ def progress_bar(total: int | None, description: str, enabled: bool = True) -> I
     if not enabled or _silenced or not _is_terminal(sys.stderr):
         yield Progress()
         return
-    bar = _RichProgress(
+    bar = _RichProgress(  # ~80 columns: a short bar, count, rate, time left and a short note
         TextColumn("[bold]{task.description}"),
-        BarColumn(),
+        BarColumn(bar_width=BAR_WIDTH),
         MofNCompleteColumn(),
-        TaskProgressColumn(),
         TextColumn("{task.fields[rate]}"),
-        TimeElapsedColumn(),
         TimeRemainingColumn(),
         TextColumn("{task.fields[note]}"),
         console=stderr_console,

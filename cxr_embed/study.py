@@ -32,6 +32,7 @@ import pyarrow.compute as pc
 from cxr_embed import metrics, stats
 from cxr_embed.errors import EvaluationError
 from cxr_embed.plans import PlanSettings, group_ids, load_plan, make_plan, plan_ids
+from cxr_embed.progress import progress_bar
 from cxr_embed.schema import RESULT_SCHEMAS
 
 FROZEN, FINETUNED = "frozen", "finetuned"
@@ -58,6 +59,7 @@ class StudyConfig:
     n_boot: int = 1000
     seed: int = 0
     plots: bool = True
+    progress: bool = False  # a bar on stderr over the bootstrap of each arm and comparison
     settings: PlanSettings | None = None  # --split/--where/--sample: the plan they make (instead of --plan)
 
 
@@ -341,10 +343,16 @@ def run_study(store, config: StudyConfig | None = None) -> StudyResult:
         ).fetchall()
     )
     clusters = group_ids([patients.get(i) for i in images])
-    for i, a in enumerate(arms):
-        score_arm(a, y, clusters, config.n_boot, config.seed + i)
-    ref = _reference(arms, config.reference)
-    comparisons = [compare(a, ref, y, clusters, config.n_boot, config.seed) for a in arms if a is not ref]
+    with progress_bar(2 * len(arms) - 1, "study bootstrap", enabled=config.progress and config.n_boot > 0) as bar:
+        for i, a in enumerate(arms):
+            score_arm(a, y, clusters, config.n_boot, config.seed + i)
+            bar.advance()
+        ref = _reference(arms, config.reference)
+        comparisons = []
+        for a in arms:
+            if a is not ref:
+                comparisons.append(compare(a, ref, y, clusters, config.n_boot, config.seed))
+                bar.advance()
     result = StudyResult(
         f"study-{datetime.now(timezone.utc):%Y%m%dT%H%M%S}-{secrets.token_hex(3)}",
         plan_id,

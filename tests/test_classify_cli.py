@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import shutil
 
@@ -47,9 +49,11 @@ def test_classify_json_and_results_in_the_store(classified_store) -> None:
 def test_classify_table_output_and_user_errors(classified_store) -> None:
     path, _ = classified_store
     result = runner.invoke(app, ["classify", "--store", str(path), "--models", "knn", "--folds", "3",
-                                 "--bootstrap", "0", "--no-refit", "--no-plots"])
+                                 "--bootstrap", "0", "--no-refit", "--no-plots", "--format", "table"],
+                           env={"COLUMNS": "80"})
     assert result.exit_code == 0, result.output
     assert "knn" in result.stdout and "Subgroups" in result.stdout
+    assert max(len(line) for line in result.stdout.splitlines()) <= 80
     bad = runner.invoke(app, ["classify", "--store", str(path), "--models", "xgboost"])
     assert bad.exit_code == 1 and "Unknown classifier" in bad.output and "Traceback" not in bad.output
     bad = runner.invoke(app, ["classify", "--store", str(path), "--calibration", "magic"])
@@ -98,6 +102,15 @@ def test_predict_cli_says_which_run_and_picks_another(classified_store, synth_cx
     assert (out["run_id"], out["calibration"], out["classifier"]) == (first["run_id"], "platt", "lr")
     assert out["precision"] == "fp32" and len(out["classifier_sha256"]) == 64
     assert 0 <= out["predictions"][0]["probability"] <= 1
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not a png")
+    partial = runner.invoke(app, [*base, str(broken), "-c", "knn", "--format", "csv"])
+    assert partial.exit_code == 2, partial.output  # some images failed: results for the rest, failures listed
+    rows = list(csv.DictReader(io.StringIO(partial.stdout)))
+    assert [r["image"] for r in rows] == [image, str(broken)]
+    assert rows[0]["error"] == "" and 0 <= float(rows[0]["probability"]) <= 1 and rows[0]["abnormal@youden"] in ("true", "false")
+    assert rows[1]["error"] and rows[1]["probability"] == ""
+    assert "1 of 2 image(s) could not be scored" in partial.stderr
 
 
 def test_predict_cli_reports_a_missing_classifier(classified_store, synth_cxr14) -> None:

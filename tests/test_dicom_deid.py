@@ -130,8 +130,9 @@ def test_phi_canary_end_to_end_through_the_cli(tmp_path: Path, monkeypatch: pyte
         str(links),
     ]
     first = runner.invoke(app, [*args, "--json"], env=env)
-    assert first.exit_code == 0, first.output
+    assert first.exit_code == 2, first.output  # partial: one file fails to decode; out-of-scope ones are skipped
     summary = json.loads(first.stdout)
+    assert (summary["failed"], summary["skipped"], summary["balanced"]) == (1, {"out_of_scope": 4}, True)
     key_file = config_home / "cxr-embed" / "id-key"
     assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
     assert first.stderr.count(str(key_file)) == 1  # the new key's path, printed once
@@ -157,7 +158,7 @@ def test_phi_canary_end_to_end_through_the_cli(tmp_path: Path, monkeypatch: pyte
     assert_no_canary(store)
 
     again = runner.invoke(app, args, env=env)  # resume: nothing new, the key file is not announced again
-    assert again.exit_code == 0, again.output
+    assert again.exit_code == 2, again.output  # the undecodable file is retried and fails again
     assert str(key_file) not in again.stderr
     other = tmp_path / "other.key"
     other.write_text("a-different-key-0123456789")

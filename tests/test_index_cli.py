@@ -117,3 +117,6 @@ def test_index_exits_2_when_some_inputs_failed_and_1_on_an_empty_source(tmp_path
     result = runner.invoke(app, ["index", str(empty), "--store", str(tmp_path / "s2"), "--device", "cpu"], env=_env())
     assert result.exit_code == 1 and result.stderr.startswith(f"Error: No images found in {empty}"), result.output
     assert ".png" in result.stderr and "Traceback" not in result.output
+    assert not (tmp_path / "s2").exists()  # refused by the library before any store was made
+    fields = dict(line.split("\t") for line in piped.stdout.splitlines()[1:])
+    assert (fields["listed"], fields["stored"], fields["failed"], fields["skipped"]) == ("2", "1", "1", "0")

@@ -74,8 +74,9 @@ def test_corrupt_and_missing_images_become_error_rows_and_reruns_append(
     config = IndexConfig(**CPU, workers=1, limit=4)
 
     first = run_index(src, store_dir, config, progress=False, model=tiny_model)
-    assert (first.listed, first.embedded, first.rows) == (4, 3, 3)
-    assert first.failures_by_stage == {"missing": 1, "decode": 1}
+    # listed = 4 records (--limit) + the missing file the listing reported = stored 3 + failed 2
+    assert (first.listed, first.stored, first.embedded, first.failed, first.rows) == (5, 3, 3, 2, 3)
+    assert first.failures_by_stage == {"missing": 1, "decode": 1} and first.balanced and first.skipped == {}
     errors = Store.open(store_dir).errors().to_pylist()
     assert {(e["image_id"], e["stage"]) for e in errors} == {(missing.name, "missing"), (corrupt.name, "decode")}
     assert str(corrupt) in next(e["reason"] for e in errors if e["stage"] == "decode")

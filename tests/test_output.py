@@ -291,3 +291,96 @@ def test_progress_bars_only_on_a_terminal_and_never_when_quiet(monkeypatch) -> N
     progress.silence()  # cxr-embed --quiet
     with progress.progress_bar(3, "Embedding") as bar:
         assert bar._bar is None
+
+
+# ------------------------------------------------- result commands: classify, study, predict, store info
+
+
+@pytest.fixture(scope="module")
+def scored_store(tiny_store, synth_cxr14, tmp_path_factory):
+    """A copy of ``tiny_store`` (40 rows) after one ``classify`` (lr, knn; saved for ``predict``), and
+    the commands whose tables and files these tests check."""
+    import shutil
+
+    from cxr_embed.model import tiny_model_dir
+
+    path = tmp_path_factory.mktemp("scored") / "store"
+    shutil.copytree(tiny_store.path, path)
+    store = ["--store", str(path)]
+    first = runner.invoke(app, ["classify", *store, "-m", "lr,knn", "--folds", "3", "--bootstrap", "20",
+                                "--no-plots", "--json"])  # fmt: skip
+    assert first.exit_code == 0, first.output
+    images = [str(p) for p in sorted(synth_cxr14.glob("images_*/images/*.png"))[:2]]
+    commands = {
+        "classify": ["classify", *store, "-m", "lr", "--folds", "3", "--bootstrap", "20", "--no-plots", "--no-refit"],
+        "study": ["study", *store, "--bootstrap", "20", "--no-plots"],
+        "predict": ["predict", *store, "-c", "lr", "--device", "cpu", "--model-dir", str(tiny_model_dir()), *images],
+        "store info": ["store", "info", *store],
+    }  # fmt: skip
+    return path, commands
+
+
+@pytest.mark.parametrize("columns", ["80", "120"])
+def test_result_tables_fit_and_never_cut_a_number(scored_store, monkeypatch, columns) -> None:
+    monkeypatch.setenv("COLUMNS", columns)
+    _, commands = scored_store
+    for name, args in commands.items():
+        result = runner.invoke(app, [*args, "--format", "table"])
+        assert result.exit_code == 0, (name, result.output)
+        assert all(len(line) <= int(columns) for line in result.stdout.splitlines()), (name, result.stdout)
+        assert _numeric_cells_cut(result.stdout) == [], name
+        if name in ("classify", "study"):  # the headline number and its CI always fit, as "[lo, hi]"
+            assert "AUC" in result.stdout and re.search(r"\[\d\.\d+, \d\.\d+\]", result.stdout), result.stdout
+
+
+def test_result_files_round_trip_at_full_precision(scored_store, tmp_path) -> None:
+    """TSV (the piped default) and Parquet hold the same numbers as ``--json``, typed, for every command."""
+    _, commands = scored_store
+    key = {
+        "classify": ("summary", "roc_auc"),
+        "study": ("table", "roc_auc"),
+        "predict": ("predictions", "probability"),
+    }
+    for name, args in commands.items():
+        doc = json.loads(runner.invoke(app, [*args, "--json"]).stdout)
+        piped = runner.invoke(app, args)
+        assert piped.exit_code == 0, (name, piped.output)
+        tsv = list(csv.DictReader(io.StringIO(piped.stdout), delimiter="\t"))
+        out = tmp_path / f"{name.replace(' ', '_')}.parquet"
+        assert runner.invoke(app, [*args, "--out", str(out)]).exit_code == 0
+        parquet = pq.read_table(out).to_pylist()
+        if name == "store info":
+            fields = {r["field"]: r["value"] for r in tsv}
+            assert int(fields["rows"]) == doc["rows"] == parquet[0]["rows"] == 40
+            assert fields["model_id"] == doc["model_id"] == parquet[0]["model_id"]
+            continue
+        part, column = key[name]
+        want = sorted(r[column] for r in doc[part])
+        assert sorted(float(r[column]) for r in tsv) == want, name  # shortest text of the same double
+        assert sorted(r[column] for r in parquet) == want, name
+        assert isinstance(parquet[0][column], float) and "[" not in piped.stdout.splitlines()[0], name
+
+
+def test_a_progress_bar_fits_80_columns(monkeypatch) -> None:
+    """Count, rate, time left and a note on one 80-column line (a bar that wraps is unreadable)."""
+    import io
+
+    from rich.console import Console
+
+    from cxr_embed import progress
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    terminal = Terminal()
+    monkeypatch.setattr(progress, "_silenced", False)
+    monkeypatch.setattr(sys, "stderr", terminal)
+    monkeypatch.setattr(progress, "stderr_console", Console(file=terminal, width=80, force_terminal=True))
+    with progress.progress_bar(12345, "fine-tune steps") as bar:
+        bar._start -= 100.0  # a realistic rate (12.3/s), not the millions of an instant test
+        bar.advance(1234)
+        bar.note("ep 10/10 loss 0.412")
+    lines = [re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", line) for line in terminal.getvalue().splitlines()]
+    shown = [line for line in lines if "1234/12345" in line]
+    assert shown and all(len(line.rstrip()) <= 80 for line in shown) and "loss 0.412" in shown[-1], lines

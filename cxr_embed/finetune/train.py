@@ -56,11 +56,11 @@ def _train(
     cfg, train_idx = run.config, run.splits["train"]
     mean, std = run.base.preprocessor.mean, run.base.preprocessor.std
     n_t = len(run.names)
-    remaining_images = max(
-        0, (cfg.epochs - state.epoch) * len(train_idx) - state.step_in_epoch * cfg.batch_size
-    )
+    # The bar counts optimizer steps, the unit of the summary ("N steps") and of --max-steps.
+    last_step = run.total_steps if cfg.max_steps is None else min(run.total_steps, cfg.max_steps)
+    remaining_steps = max(0, last_step - state.global_step)
     started = time.perf_counter()
-    with StopFlag().installed() as stop, progress_bar(remaining_images, "fine-tune", enabled=progress) as bar:
+    with StopFlag().installed() as stop, progress_bar(remaining_steps, "fine-tune steps", enabled=progress) as bar:
         while state.epoch < cfg.epochs and not state.done:
             steps = epoch_batches(len(train_idx), state.epoch, cfg.seed, cfg.batch_size)[
                 state.step_in_epoch :
@@ -100,10 +100,9 @@ def _train(
                 if loss is not None:
                     state.epoch_losses.append(loss)
                 rate = len(b) / max(time.perf_counter() - t0, 1e-9)
-                bar.advance(len(b))
+                bar.advance(1)
                 bar.note(
-                    f"epoch {state.epoch + 1}/{cfg.epochs} loss {loss if loss is not None else float('nan'):.4f}"
-                    f" lr {lr:.2e}"
+                    f"ep {state.epoch + 1}/{cfg.epochs} loss {loss if loss is not None else float('nan'):.3f}"
                 )
                 if on_step is not None:
                     on_step(
