@@ -73,6 +73,14 @@ def search(
     patient_id: Annotated[
         str | None, typer.Option("--patient-id", help="Patient of an --image query that is not in the store.")
     ] = None,
+    link_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--link-file",
+            help="The data owner's link file (written by `index --link-file` for DICOM): show each neighbour's "
+            "file instead of its keyed reference. Nothing of it is written anywhere.",
+        ),
+    ] = None,
     model_dir: ModelDirOpt = None,
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = "fp32",
@@ -121,6 +129,13 @@ def search(
         else:
             result = retrieval.search_by_texts(st, model, [text], k, where)[0]
 
+    if link_file is not None:
+        from cxr_embed.listing import read_link_file
+
+        try:
+            result = result.with_files(read_link_file(link_file))
+        except OSError as exc:
+            raise ConfigError(f"Cannot read the link file {link_file}: {exc.strerror or exc}.") from None
     prob = (
         "n/a (no labelled neighbours)"
         if result.probability_abnormal is None

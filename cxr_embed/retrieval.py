@@ -32,7 +32,7 @@ from __future__ import annotations
 import weakref
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
@@ -98,6 +98,15 @@ class SearchResult:
 
     def __getitem__(self, i: int) -> Neighbor:
         return self.neighbors[i]
+
+    def with_files(self, links: dict[str, Path]) -> SearchResult:
+        """The same result with each neighbour's stored reference replaced by its file.
+
+        De-identified (DICOM) stores keep keyed references in ``path``; only the data owner's link
+        file (``--link-file``, see :func:`cxr_embed.listing.read_link_file`) maps them back, so the
+        mapping happens here, at display time, and never reaches the store.
+        """
+        return replace(self, neighbors=[replace(n, path=str(links.get(n.path, n.path))) for n in self.neighbors])
 
 
 def knn_vote(similarities: Sequence[float], labels: Sequence[int | None], vote: Vote = "weighted") -> float | None:

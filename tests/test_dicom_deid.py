@@ -3,6 +3,8 @@ the key, duplicates, the listing cache, and the CLI reaching every reader option
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
 import stat
@@ -155,6 +157,15 @@ def test_phi_canary_end_to_end_through_the_cli(tmp_path: Path, monkeypatch: pyte
     assert {p.resolve() for p in read_link_file(links).values()} == {p.resolve() for p in files.values()}
     assert stat.S_IMODE(links.stat().st_mode) == 0o600
     assert json.loads((store / "store.json").read_text())["identity"]["id_key_fingerprint"]
+    assert_no_canary(store)
+    # only the data owner's link file turns the stored references back into files, at display time
+    query = ["search", "--store", str(store), "--id", meta[0]["image_id"], "-k", "2", "--format", "csv"]
+    shown = runner.invoke(app, [*query, "--link-file", str(links)])
+    assert shown.exit_code == 0, shown.output
+    shown_paths = {row["path"] for row in csv.DictReader(io.StringIO(shown.stdout))}
+    assert shown_paths and shown_paths <= {str(p) for p in read_link_file(links).values()}
+    hidden = runner.invoke(app, query)
+    assert all(row["path"].startswith("ref-") for row in csv.DictReader(io.StringIO(hidden.stdout)))
     assert_no_canary(store)
 
     again = runner.invoke(app, args, env=env)  # resume: nothing new, the key file is not announced again
