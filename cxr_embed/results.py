@@ -45,6 +45,12 @@ def versions() -> dict[str, str]:
     return out
 
 
+def _run_columns(n: int, run_id: str, plan_id: str | None, arm: str, classifier: str, target: str) -> dict:
+    """The columns that say which run, plan, arm, classifier and target ``n`` result rows belong to."""
+    return {"run_id": [run_id] * n, "plan_id": [plan_id] * n, "arm": [arm] * n, "classifier": [classifier] * n,
+            "target": [target] * n}
+
+
 def predictions_table(
     run_id: str,
     arm: str,
@@ -63,11 +69,7 @@ def predictions_table(
     n = len(prob)
     return pa.Table.from_pydict(
         {
-            "run_id": [run_id] * n,
-            "plan_id": [plan_id] * n,
-            "arm": [arm] * n,
-            "classifier": [classifier] * n,
-            "target": [target] * n,
+            **_run_columns(n, run_id, plan_id, arm, classifier, target),
             "fold": np.asarray(fold, dtype=np.int32),
             "row_id": pa.array(row_id, pa.int64()) if row_id is not None else pa.nulls(n, pa.int64()),
             "image_id": pa.array(image_id, pa.string()),
@@ -96,11 +98,7 @@ def metrics_table(
     n = len(rows)
     return pa.Table.from_pydict(
         {
-            "run_id": [run_id] * n,
-            "plan_id": [plan_id] * n,
-            "arm": [arm] * n,
-            "classifier": [classifier] * n,
-            "target": [target] * n,
+            **_run_columns(n, run_id, plan_id, arm, classifier, target),
             "fold": pa.array([fold] * n, pa.int32()),
             "subgroup": [subgroup] * n,
             "level": [level] * n,

@@ -80,14 +80,7 @@ def _train(
             )
             for micro_batches, b in zip(plan, steps, strict=True):
                 if cfg.max_steps is not None and state.global_step >= cfg.max_steps:
-                    save_checkpoint(
-                        run.out,
-                        net=run.net,
-                        optimizer=run.optimizer,
-                        scaler=run.scaler,
-                        ema=run.ema,
-                        state=state,
-                    )
+                    _checkpoint(run, state)
                     run.timings["train_s"] = time.perf_counter() - started
                     return "max_steps"
                 t0 = time.perf_counter()
@@ -116,23 +109,19 @@ def _train(
                         )
                     )
                 if stop.requested:
-                    save_checkpoint(
-                        run.out,
-                        net=run.net,
-                        optimizer=run.optimizer,
-                        scaler=run.scaler,
-                        ema=run.ema,
-                        state=state,
-                    )
+                    _checkpoint(run, state)
                     return "interrupted"
             _end_epoch(run, state)
             if state.epochs_since_best >= cfg.patience:
                 state.done = True
-            save_checkpoint(
-                run.out, net=run.net, optimizer=run.optimizer, scaler=run.scaler, ema=run.ema, state=state
-            )
+            _checkpoint(run, state)
     run.timings["train_s"] = time.perf_counter() - started
     return "early_stopped" if state.epoch < cfg.epochs else "completed"
+
+
+def _checkpoint(run: _Run, state: TrainState) -> None:
+    """Everything an exact resume needs, at a step boundary (end of epoch, --max-steps or SIGTERM)."""
+    save_checkpoint(run.out, net=run.net, optimizer=run.optimizer, scaler=run.scaler, ema=run.ema, state=state)
 
 
 def _train_step(
