@@ -349,7 +349,8 @@ class BackgroundWriter:
     """The write stage on its own thread: ``put`` embedded batches; they are committed in order.
 
     Between ``__enter__`` and ``__exit__`` this thread makes every ``StoreWriter`` call. A clean exit
-    flushes the last partial shard and waits; an exit by exception stops without flushing (like a
+    flushes the last partial shard and waits; an exit by exception writes what was already queued
+    (so the committed rows do not depend on thread timing) but not the last partial shard (like a
     kill: committed shards stay, a rerun resumes). A failure on the thread (disk full, …) is raised
     from the next ``put`` or from ``__exit__``, never lost.
     """
@@ -406,10 +407,12 @@ class BackgroundWriter:
 
     def _run(self) -> None:
         try:
-            while not self._abort.is_set():
+            while True:
                 try:
                     item = self._queue.get(timeout=0.1)
                 except queue.Empty:
+                    if self._abort.is_set():  # the job failed: what it queued is written, the rest never comes
+                        return
                     continue
                 if item is _DONE:
                     self.shards.flush()

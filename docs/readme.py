@@ -44,7 +44,7 @@ Scrub rules, applied to every output in this order (`SCRUBS` below, documented h
 3. Values that measure time are masked with `#`: ISO-8601 timestamps anywhere and run identifiers that
    embed one (`classify-20261129T104819-7013a2`) digit by digit (their width is fixed); the value of a
    field whose name matches `TIMED_FIELD` (`seconds`, `embed_seconds`, `images/s`, `*_at`, …) in a
-   field/value table (`│ seconds │ 17.2 │`), a JSON object (`"seconds": 17.2`) or a `key: value` line,
+   field/value table (`│ seconds │ 17.2 │`, or `seconds   17.2` / TSV as the output layer prints it), a JSON object (`"seconds": 17.2`) or a `key: value` line,
    one `#` per run of digits (`17.2` → `#.#`), padded to the cell's width so tables stay aligned.
 Anything else that differs between two runs is a bug in the command (or a name to add to `TIMED_FIELD`).
 """
@@ -227,6 +227,7 @@ TIMED_PATTERNS = [
     re.compile(rf"(?P<key>[│|]\s*{TIMED_FIELD}\s*[│|]\s*)(?P<value>[^│|\s]+)(?P<pad> *)"),  # table row
     re.compile(rf'(?P<key>"{TIMED_FIELD}"\s*:\s*)(?P<value>"[^"]*"|[-+0-9.eE]+)(?P<pad>)'),  # JSON
     re.compile(rf"(?P<key>^\s*{TIMED_FIELD}\s*[:=]\s*)(?P<value>\S+)(?P<pad>)", re.M),  # key: value line
+    re.compile(rf"(?P<key>^\s*{TIMED_FIELD}(?: {{2,}}|\t))(?P<value>\S+)(?P<pad>)", re.M),  # field  value
 ]
 
 
