@@ -45,7 +45,8 @@ Scrub rules, applied to every output in this order (`SCRUBS` below, documented h
    embed one (`classify-20261129T104819-7013a2`) digit by digit (their width is fixed); the value of a
    field whose name matches `TIMED_FIELD` (`seconds`, `embed_seconds`, `images/s`, `*_at`, …) in a
    field/value table (`│ seconds │ 17.2 │`, or `seconds   17.2` / TSV as the output layer prints it), a JSON object (`"seconds": 17.2`) or a `key: value` line,
-   one `#` per run of digits (`17.2` → `#.#`), padded to the cell's width so tables stay aligned.
+   one `#` per run of digits (`17.2` → `#.#`), padded to the cell's width so tables stay aligned; and
+   every number of a timing line (`Done in 56 s: synth 4 s, …`), one `#` per run of digits.
 Anything else that differs between two runs is a bug in the command (or a name to add to `TIMED_FIELD`).
 """
 
@@ -72,6 +73,7 @@ COMMAND_TIMEOUT_S = 900
 #: A field whose name matches this measures time or speed (`seconds`, `embed_seconds`, `images/s`, `wall_s`,
 #: `images_per_s`, `updated_at`, `elapsed`): its value is masked wherever it appears as a field/value pair.
 TIMED_FIELD = r"[A-Za-z_/]*(?:seconds|_s|/s|_at|elapsed)"
+TIMING_LINE_RE = re.compile(r"^Done in \d.*$", re.M)  # the demo's last line: stage timings
 
 # A marker starts a line (so prose may quote one in backticks without running it).
 MARKER_RE = re.compile(
@@ -241,6 +243,7 @@ def scrub(output: str, workspace: Path) -> str:
     output = RUN_ID_RE.sub(lambda m: m["prefix"] + _mask_digits(m["stamp"]), output)
     for pattern in TIMED_PATTERNS:
         output = pattern.sub(_mask_measure, output)
+    output = TIMING_LINE_RE.sub(lambda m: re.sub(r"\d+", "#", m.group(0)), output)
     return output.strip("\n")
 
 
