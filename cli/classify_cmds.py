@@ -17,7 +17,9 @@ from cxr_embed_cli.output import (
     OutputSpec,
     PrecisionOpt,
     QuietOpt,
+    SampleOpt,
     StoreOpt,
+    WhereOpt,
     WideOpt,
     emit_result,
     emit_rows,
@@ -28,20 +30,6 @@ from cxr_embed_cli.output import (
     resolve_output,
     warn,
 )
-
-WhereOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--where",
-        help="Only images matching this SQL condition on the images view, e.g. \"view = 'PA'\" (part of the plan).",
-    ),
-]
-SampleOpt = Annotated[
-    int | None,
-    typer.Option(
-        "--sample", help="A stratified subset of about N images made of whole patients (part of the plan)."
-    ),
-]
 
 SUMMARY_COLUMNS = (
     "target",

@@ -13,6 +13,8 @@ from cxr_embed_cli.output import (
     OutputSpec,
     PrecisionOpt,
     QuietOpt,
+    SampleOpt,
+    WhereOpt,
     WideOpt,
     emit_result,
     format_ci,
@@ -116,20 +118,8 @@ def finetune(
     folds: Annotated[
         int, typer.Option("--folds", help="Folds of a kfold plan (one fine-tuned model each).")
     ] = 5,
-    where: Annotated[
-        str | None,
-        typer.Option(
-            "--where",
-            help="Only images matching this SQL condition on the store's images view (part of the plan).",
-        ),
-    ] = None,
-    sample: Annotated[
-        int | None,
-        typer.Option(
-            "--sample",
-            help="A stratified subset of about N images made of whole patients (part of the plan).",
-        ),
-    ] = None,
+    where: WhereOpt = None,
+    sample: SampleOpt = None,
     resume: Annotated[bool, typer.Option(help="Continue the run in --out exactly where it stopped.")] = False,
     seed: Annotated[
         int, typer.Option(help="Seed of the split, data order, augmentation and initialisation.")

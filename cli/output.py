@@ -126,6 +126,19 @@ StoreOpt = Annotated[
         envvar="CXR_EMBED_STORE",
     ),
 ]
+WhereOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--where",
+        help="Only images matching this SQL condition on the images view, e.g. \"view = 'PA'\" (part of the plan).",
+    ),
+]
+SampleOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--sample", help="A stratified subset of about N images made of whole patients (part of the plan)."
+    ),
+]
 ModelDirOpt = Annotated[
     Path | None,
     typer.Option(
