@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from cxr_embed_cli.classify_cmds import emit_study, study_rows
+from cxr_embed_cli.classify_cmds import STUDY_TABLE, emit_study, study_rows
 from cxr_embed_cli.output import (
     FormatOpt,
     JsonOpt,
@@ -95,18 +95,8 @@ def demo(
         print_result(result, spec)
 
 
-DEMO_STUDY = (
-    "arm",
-    "roc_auc",
-    "95% CI",
-    "ΔAUC",
-    "ΔAUC 95% CI",
-    "DeLong p",
-    "brier",
-    "ece",
-    "accuracy",
-    "f1",
-)
+DEMO_STUDY = STUDY_TABLE[:10]
+"""The study columns the demo shows first: the comparison, then calibration and accuracy."""
 
 
 def print_result(result, spec: OutputSpec | None = None) -> None:

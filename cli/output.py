@@ -18,7 +18,7 @@ import functools
 import json
 import sys
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -59,8 +59,6 @@ __all__ = [
     "format_float",
     "handle_errors",
     "info",
-    "print_fields",
-    "print_table",
     "quiet_progress",
     "resolve_output",
     "to_jsonable",
@@ -194,18 +192,6 @@ def emit_json(obj: Any) -> None:
     """Print ``obj`` as JSON on stdout (plain print: no rich wrapping or markup)."""
     sys.stdout.write(json.dumps(to_jsonable(obj), indent=2) + "\n")
     sys.stdout.flush()
-
-
-def print_table(
-    rows: Sequence[dict[str, Any]], title: str | None = None, columns: Sequence[str] | None = None
-) -> None:
-    """A terminal table of dict rows (commands not yet offering ``--format``; prefer :func:`emit_rows`)."""
-    emit_rows(rows, OutputSpec("table"), columns=columns, title=title)
-
-
-def print_fields(pairs: Sequence[tuple[str, Any]], title: str | None = None) -> None:
-    """(field, value) pairs as a two-column terminal table (prefer :func:`emit_record`)."""
-    emit_record(dict(pairs), pairs, OutputSpec("table"), title=title)
 
 
 def info(message: str) -> None:
